@@ -1,0 +1,80 @@
+"""``rar-llm init``: a fresh litgpt checkpoint folder for a RAR config and a vocabulary layout."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from litgpt.config import Config
+from litgpt.model import GPT
+from litgpt.utils import save_config
+
+from rar_llm.vocab import VocabLayout
+
+
+
+def init_weights(model: GPT, std: float = 0.02) -> None:
+    """GPT-2/RAR-style init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * layers)."""
+    proj_std = std / math.sqrt(2 * model.config.n_layer)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:  # norms (ones), biases (zeros)
+            torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.zeros_(p)
+        elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            torch.nn.init.normal_(p, 0.0, proj_std)
+        else:
+            torch.nn.init.normal_(p, 0.0, std)
+
+
+def model_config(model: str, layout: VocabLayout, **overrides) -> Config:
+    """The named config with the layout's vocabulary and a context that holds its sequences."""
+    base = Config.from_name(model)
+    block_size = max(base.block_size, layout.seq_len)
+    return Config.from_name(
+        model,
+        vocab_size=layout.vocab_size,
+        padded_vocab_size=layout.padded_vocab_size,
+        padding_multiple=layout.pad_multiple,
+        block_size=block_size,
+        **overrides,
+    )
+
+
+def init(
+    out_dir: Path,
+    model: str = "rar-tiny",
+    layout: str = "digits",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a randomly initialised litgpt checkpoint folder.
+
+    Args:
+        out_dir: the checkpoint folder to create.
+        model: a registered config name (rar-b, rar-l, rar-xl, rar-xxl, rar-tiny) or any litgpt name.
+        layout: a vocabulary layout: a JSON file or a name in ``adapters/`` (maskgit_imagenet, digits, ...).
+        seed: seed of the random init.
+        overwrite: replace the checkpoint files of an existing folder (other files are left alone).
+    """
+    import rar_llm.configs  # noqa: F401  (registers the names)
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out_dir or pass --overwrite true")
+    vocab = VocabLayout.load(layout)
+    config = model_config(model, vocab)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        gpt = GPT(config)
+    gpt.to_empty(device="cpu")
+    init_weights(gpt)
+    gpt.max_seq_length = config.block_size  # rebuild the rope cache on real memory
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(gpt.state_dict(), out_dir / "lit_model.pth")
+    save_config(config, out_dir)
+    vocab.write_tokenizer(out_dir)  # its tokenizer_config.json carries the layout
+    n = sum(p.numel() for p in gpt.parameters())
+    print(f"Wrote {config.name} ({n / 1e6:.1f}M parameters, vocabulary {vocab.vocab_size} -> "
+          f"{vocab.padded_vocab_size}) to {out_dir}")
+    return out_dir

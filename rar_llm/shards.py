@@ -1,0 +1,223 @@
+"""Pre-tokenized image data on disk: memory-mapped ``.npy`` shards plus one ``meta.json``.
+
+Layout of a data folder::
+
+    meta.json                      codebook size, grid, classes, and the list of finished shards
+    train-00000.codes.npy          (n, H, W) codes, uint16 (int32 for codebooks over 65536)
+    train-00000.labels.npy         (n,) int32 class ids
+    val-00000.codes.npy ...
+
+Shards are written whole (temporary name, then rename) and only then listed in ``meta.json``, so an
+interrupted writer leaves a folder that reads back consistently and can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+META = "meta.json"
+FORMAT = "rar_llm-shards"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(data_dir: Path | str) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / META
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir} is not a rar_llm data folder; create one with "
+            "`rar-llm tokenize`, `rar-llm import-jsonl` or `rar-llm digits`"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the folder is corrupt, re-create it") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("codebook_size", "height", "width", "num_classes", "splits"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key {key!r}; the folder is corrupt, re-create it")
+    return meta
+
+
+@dataclass
+class ShardWriter:
+    """Appends (codes, label) samples to a data folder, one finished shard at a time.
+
+    ``resume=True`` continues a folder an earlier run left (its meta must agree); otherwise an
+    existing folder with data is refused, so nothing is overwritten by accident.
+    """
+
+    data_dir: Path
+    codebook_size: int
+    height: int
+    width: int
+    num_classes: int
+    class_names: list[str] | None = None
+    shard_size: int = 65536
+    resume: bool = False
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.dtype = np.uint16 if self.codebook_size <= 65536 else np.int32
+        self._buf: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        new = {
+            "format": FORMAT,
+            "version": 1,
+            "codebook_size": self.codebook_size,
+            "height": self.height,
+            "width": self.width,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "code_dtype": np.dtype(self.dtype).name,
+            "info": self.info,
+            "splits": {},
+        }
+        if (self.data_dir / META).is_file():
+            if not self.resume:
+                raise FileExistsError(
+                    f"{self.data_dir} already holds data ({META}); choose another folder, delete it, "
+                    "or resume the interrupted run"
+                )
+            old = read_meta(self.data_dir)
+            for key in ("codebook_size", "height", "width", "num_classes"):
+                if old[key] != new[key]:
+                    raise ValueError(
+                        f"{self.data_dir / META}: cannot resume, {key} is {old[key]} there but {new[key]} now"
+                    )
+            self.meta = old
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.meta = new
+            _write_json_atomic(self.data_dir / META, self.meta)
+
+    def num_samples(self, split: str) -> int:
+        """Samples of a split already on disk (a resumed run skips that many)."""
+        return sum(s["num_samples"] for s in self.meta["splits"].get(split, []))
+
+    def add(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
+        codes = np.asarray(codes)
+        labels = np.asarray(labels).reshape(-1)
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.shape[1:] != (self.height, self.width) or codes.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"expected codes (n, {self.height}, {self.width}) with n labels, got {codes.shape} and {labels.shape}"
+            )
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes outside the codebook 0..{self.codebook_size - 1}: {codes.min()}..{codes.max()}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"class ids outside 0..{self.num_classes - 1}: {labels.min()}..{labels.max()}")
+        cs, ls = self._buf.setdefault(split, ([], []))
+        cs.append(codes.astype(self.dtype))
+        ls.append(labels.astype(np.int32))
+        while sum(len(c) for c in cs) >= self.shard_size:
+            self._flush(split, self.shard_size)
+
+    def _flush(self, split: str, limit: int | None = None) -> None:
+        cs, ls = self._buf.get(split, ([], []))
+        if not cs:
+            return
+        codes, labels = np.concatenate(cs), np.concatenate(ls)
+        n = len(codes) if limit is None else min(limit, len(codes))
+        if n == 0:
+            return
+        shards = self.meta["splits"].setdefault(split, [])
+        name = f"{split}-{len(shards):05d}"
+        for suffix, arr in (("codes", codes[:n]), ("labels", labels[:n])):
+            final = self.data_dir / f"{name}.{suffix}.npy"
+            tmp = final.with_name(final.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, final)
+        shards.append({"file": name, "num_samples": int(n)})
+        _write_json_atomic(self.data_dir / META, self.meta)
+        self._buf[split] = ([codes[n:]], [labels[n:]]) if n < len(codes) else ([], [])
+
+    def close(self) -> None:
+        """Write what is buffered as final (possibly short) shards."""
+        for split in list(self._buf):
+            self._flush(split)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class Shards:
+    """Random access to one split of a data folder, memory-mapped.
+
+    Every shard's shape, dtype and class ids are checked against ``meta.json`` when opened, so a
+    truncated or mismatched file fails here with its name, not later inside a training step.
+    """
+
+    def __init__(self, data_dir: Path | str, split: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.meta = meta = read_meta(self.data_dir)
+        self.split = split
+        if split not in meta["splits"] or not meta["splits"][split]:
+            raise ValueError(
+                f"{self.data_dir / META} has no split {split!r} (it has {sorted(meta['splits'])}); "
+                "write that split or name an existing one"
+            )
+        H, W = meta["height"], meta["width"]
+        self.codes: list[np.ndarray] = []
+        labels = []
+        for entry in meta["splits"][split]:
+            n = entry["num_samples"]
+            c = self._open(entry["file"] + ".codes.npy")
+            lab = self._open(entry["file"] + ".labels.npy")
+            if c.shape != (n, H, W):
+                raise ValueError(
+                    f"{self.data_dir / (entry['file'] + '.codes.npy')}: shape {c.shape} disagrees with "
+                    f"{META} ({n} samples of {H}x{W}); the file is truncated or from another run, re-create the data"
+                )
+            if lab.shape != (n,):
+                raise ValueError(
+                    f"{self.data_dir / (entry['file'] + '.labels.npy')}: shape {lab.shape} disagrees with "
+                    f"{META} ({n} labels); the file is truncated or from another run, re-create the data"
+                )
+            bad = (lab < 0) | (lab >= meta["num_classes"])
+            if bad.any():
+                raise ValueError(
+                    f"{self.data_dir / (entry['file'] + '.labels.npy')}: class id {int(lab[bad][0])} outside "
+                    f"0..{meta['num_classes'] - 1} given in {META}; fix num_classes or the labels"
+                )
+            self.codes.append(c)
+            labels.append(np.asarray(lab))
+        self.labels = np.concatenate(labels)
+        self.ends = np.cumsum([len(c) for c in self.codes])
+
+    def _open(self, name: str) -> np.ndarray:
+        path = self.data_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in {META} but missing; re-create the data folder")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is truncated or corrupt ({e}); re-create the data folder") from e
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        """``(codes (H, W), class id)`` of one sample."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} outside {self.split!r} split of {len(self)}")
+        s = int(np.searchsorted(self.ends, index, side="right"))
+        start = int(self.ends[s - 1]) if s else 0
+        return np.asarray(self.codes[s][index - start]), int(self.labels[index])

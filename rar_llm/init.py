@@ -19,7 +19,7 @@ def init_weights(model: GPT, std: float = 0.02) -> None:
     proj_std = std / math.sqrt(2 * model.config.n_layer)
     for name, p in model.named_parameters():
         if p.dim() == 1:  # norms (ones), biases (zeros)
-            torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.zeros_(p)
+            torch.nn.init.ones_(p) if "norm" in name or "ln_f" in name else torch.nn.init.zeros_(p)
         elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             torch.nn.init.normal_(p, 0.0, proj_std)
         else:

@@ -1,18 +1,35 @@
-"""Turning image collections into shards (``rar_llm.shards``) that the data module reads."""
+"""Turning image collections into shards (``rar_llm.shards``) that the data module reads.
+
+Every writer here is resumable: shards record where in the source they end (``end_position``), so a
+rerun with ``resume=True`` continues after the last finished shard and writes exactly the files an
+uninterrupted run would have written.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
-from rar_llm.shards import ShardWriter
+from rar_llm.shards import META, ShardWriter, read_meta
+from rar_llm.tokenizers import ImageTokenizer, load_tokenizer
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def digits(out_dir: Path = Path("data/digits"), val_fraction: float = 0.2, seed: int = 0) -> Path:
     """scikit-learn's bundled 8x8 digits as shards: each of the 17 grey levels (0..16) is a code.
+
+    The codes are those of ``load_tokenizer("digits")``: code k is grey k/16.
 
     Args:
         out_dir: the data folder to write (refused if it already holds data).
@@ -31,8 +48,382 @@ def digits(out_dir: Path = Path("data/digits"), val_fraction: float = 0.2, seed:
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
         val[idx[: round(val_fraction * len(idx))]] = True
-    with ShardWriter(Path(out_dir), 17, 8, 8, 10, class_names=DIGIT_NAMES, info={"source": "sklearn digits"}) as w:
+    info = {"source": "sklearn digits", "tokenizer": "digits"}
+    with ShardWriter(Path(out_dir), 17, 8, 8, 10, class_names=DIGIT_NAMES, info=info) as w:
         w.add("train", codes[~val], labels[~val])
         w.add("val", codes[val], labels[val])
     print(f"Wrote {int((~val).sum())} train and {int(val.sum())} val digits to {out_dir}")
     return Path(out_dir)
+
+
+def _check_resume(out_dir: Path, info: dict, keys: tuple[str, ...]) -> None:
+    """Refuse to resume a folder written with settings that would change which samples go where."""
+    if not (out_dir / META).is_file():
+        return
+    old = read_meta(out_dir)["info"]
+    for key in keys:
+        if old.get(key) != info[key]:
+            raise ValueError(
+                f"{out_dir / META}: cannot resume, {key} was {old.get(key)!r} there but is {info[key]!r} now; "
+                "resume with the same settings or write to a new folder"
+            )
+
+
+# ---- image folders ---------------------------------------------------------------------------------
+
+
+def list_images(image_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and ``(path, class id)`` pairs in torchvision ImageFolder order.
+
+    Classes are the sorted subfolder names; each class's images are found recursively, folders and
+    files sorted, so the order (and a resumed run's place in it) never depends on the file system.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir} is not a folder; give a folder with one subfolder of images per class")
+    classes = sorted(e.name for e in os.scandir(image_dir) if e.is_dir())
+    if not classes:
+        raise ValueError(f"{image_dir} has no subfolders; put each class's images in a subfolder named after it")
+    items = []
+    for label, name in enumerate(classes):
+        found = [
+            Path(root) / f
+            for root, _, files in sorted(os.walk(image_dir / name, followlinks=True))
+            for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        if not found:
+            raise ValueError(
+                f"{image_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it or add some"
+            )
+        items += [(p, label) for p in found]
+    return classes, items
+
+
+def center_crop_adm(img: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop, as RAR pre-tokenizes: box-halve while large, bicubic-resize short side to ``size``, crop."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def five_crop(img: Image.Image, size: int) -> list[Image.Image]:
+    """Corners (top-left, top-right, bottom-left, bottom-right) then centre, as torchvision's ``five_crop``."""
+    w, h = img.size
+    cx, cy = int(round((w - size) / 2)), int(round((h - size) / 2))
+    corners = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (cx, cy)]
+    return [img.crop((x, y, x + size, y + size)) for x, y in corners]
+
+
+def views(img: Image.Image, size: int, crop: str, flip: bool) -> list[Image.Image]:
+    """The training samples of one image.
+
+    ``adm``: the ADM centre crop (and its mirror image). ``tencrop``: ADM-crop to ``int(1.1 * size)``
+    (281 for 256), then the five crops of ``size`` (and the five of its mirror image), as RAR's and
+    LlamaGen's ten-crop pre-tokenization.
+    """
+    if crop == "adm":
+        out = [center_crop_adm(img, size)]
+        return out + [out[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if flip else out
+    big = center_crop_adm(img, int(size * 1.1))
+    out = five_crop(big, size)
+    return out + five_crop(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size) if flip else out
+
+
+class ImageViews(Dataset):
+    """Item i: image i's views as uint8 ``(m, H, W, C)`` and no error, or None and why it cannot be read.
+
+    Errors are returned, not raised, so the main process decides (skip or stop) and names the file.
+    """
+
+    def __init__(self, items: list[tuple[Path, int]], size: int, channels: int, crop: str, flip: bool) -> None:
+        self.items, self.size, self.crop, self.flip = items, size, crop, flip
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            with Image.open(self.items[i][0]) as img:
+                img = img.convert(self.mode)
+        except Exception as e:  # PIL raises many types for broken files; all mean "unreadable"
+            return None, f"{type(e).__name__}: {e}"
+        arrays = [np.asarray(v) for v in views(img, self.size, self.crop, self.flip)]
+        return np.stack(arrays).reshape(len(arrays), self.size, self.size, -1), None
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _encode_batch(tok: ImageTokenizer, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` on the CPU -> ``(N, h, w)`` codes; converted on ``device`` to move 4x fewer bytes."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    return tok.encode(x).cpu().numpy()
+
+
+def _tokenize_split(
+    writer: ShardWriter,
+    split: str,
+    dataset: ImageViews,
+    per_image: int,
+    tok: ImageTokenizer,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    skip_bad: bool,
+) -> list[Path]:
+    """Encode one split's images into ``writer``; returns the unreadable files it skipped.
+
+    Sample j of image i sits at position ``i * per_image + j``. A resumed run restarts at the batch
+    holding the first missing position and drops what is already written, so every batch (hence
+    every code) is the one an uninterrupted run with the same ``batch_size`` would have computed.
+    """
+    start = writer.resume_position(split)
+    first = start // per_image // batch_size * batch_size
+    if first >= len(dataset):
+        return []
+    indices = range(first, len(dataset))
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
+    )
+    skipped = []
+    with tqdm(total=len(dataset), initial=first, desc=f"{split} images", unit="img", dynamic_ncols=True) as bar:
+        for b, batch in enumerate(loader):
+            arrays, labels, positions = [], [], []
+            for i, (views_, error) in enumerate(batch, start=first + b * batch_size):
+                path, label = dataset.items[i]
+                if error is not None:
+                    if not skip_bad:
+                        raise ValueError(
+                            f"{path}: cannot read the image ({error}); fix or delete it, "
+                            "or pass skip_bad=True (--skip_bad true) to skip it"
+                        )
+                    bar.write(f"skipping unreadable image {path} ({error})")
+                    skipped.append(path)
+                    continue
+                arrays.append(views_)
+                labels += [label] * len(views_)
+                positions += range(i * per_image, i * per_image + len(views_))
+            if arrays:
+                codes = _encode_batch(tok, torch.from_numpy(np.concatenate(arrays)), device)
+                keep = np.asarray(positions) >= start
+                writer.add(split, codes[keep], np.asarray(labels)[keep], np.asarray(positions)[keep])
+            bar.update(len(batch))
+    return skipped
+
+
+def tokenize(
+    image_dir: Path,
+    out_dir: Path,
+    tokenizer: str = "maskgit-vqgan",
+    weights: Path | None = None,
+    image_size: int | None = None,
+    crop: Literal["adm", "tencrop"] = "adm",
+    flip: bool = True,
+    batch_size: int = 64,
+    val_fraction: float = 0.01,
+    val_dir: Path | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    num_workers: int = 4,
+    shard_size: int = 65536,
+) -> Path:
+    """Encode an image folder (one subfolder per class) into shards of codes.
+
+    Each training image gives ``crop``'s views: ``adm`` the ADM centre crop plus (``flip``) its mirror
+    image, 2 samples, as RAR's default pre-tokenization; ``tencrop`` 10 (5 without flip). Samples of
+    one image are consecutive. Val images give their ADM centre crop only: val measures images, not
+    augmentations.
+
+    Args:
+        image_dir: classes are its subfolders (sorted names; ids in that order), images found recursively.
+        out_dir: the data folder to write.
+        tokenizer: ``maskgit-vqgan``, ``pixel``, ``digits`` or a weights file (see ``load_tokenizer``).
+        weights: MaskGIT-VQGAN weights (None: download), or a pixel palette ``.npy``.
+        image_size: pixel tokenizer only: pixels (= codes) per side.
+        crop: ``adm`` (centre crop) or ``tencrop`` (corners and centre of a 10 % larger crop).
+        flip: also encode the mirror image of every crop.
+        batch_size: images per encoder call (times the views per image).
+        val_fraction: share of ``image_dir``'s images held out as ``val``, spread evenly over the
+            sorted list (so over classes); ignored when ``val_dir`` is given; 0: no val split.
+        val_dir: a separate image folder with the same class subfolders, written as the ``val`` split.
+        skip_bad: skip unreadable images (each reported by path) instead of stopping at the first.
+        resume: continue an interrupted run in ``out_dir``; same settings and ``batch_size`` give
+            byte-identical shards to an uninterrupted run.
+        device: where to encode (default: CUDA when present, else CPU).
+        num_workers: processes decoding and cropping images.
+        shard_size: samples per shard file.
+    """
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    if crop not in ("adm", "tencrop"):
+        raise ValueError(f"crop must be 'adm' or 'tencrop', got {crop!r}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = load_tokenizer(tokenizer, weights, image_size).to(dev)
+    if tok.image_size[0] != tok.image_size[1]:
+        raise ValueError(f"tokenize crops square images, but the tokenizer takes {tok.image_size}")
+    size = tok.image_size[0]
+    classes, items = list_images(image_dir)
+    if val_dir is not None:
+        val_classes, val_items = list_images(Path(val_dir))
+        if val_classes != classes:
+            raise ValueError(
+                f"{val_dir} has classes {val_classes[:5]}... but {image_dir} has {classes[:5]}...; "
+                "both need the same class subfolders"
+            )
+        train_items = items
+    else:
+        held = [math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) for i in range(len(items))]
+        train_items = [x for x, h in zip(items, held) if not h]
+        val_items = [x for x, h in zip(items, held) if h]
+        if val_fraction and not val_items:
+            raise ValueError(
+                f"val_fraction {val_fraction} of {len(items)} images holds out none; raise it or pass val_dir"
+            )
+    per_image = {"adm": 1, "tencrop": 5}[crop] * (2 if flip else 1)
+    info = {
+        "source": str(image_dir.resolve()),
+        "tokenizer": str(tokenizer),
+        "weights": str(weights) if weights is not None else None,
+        "image_size": size,
+        "crop": crop,
+        "flip": flip,
+        "val": str(Path(val_dir).resolve()) if val_dir is not None else val_fraction,
+        "samples_per_image": per_image,
+    }
+    if resume:
+        _check_resume(out_dir, info, ("source", "tokenizer", "image_size", "crop", "flip", "val"))
+    skipped = []
+    with ShardWriter(
+        out_dir, tok.codebook_size, *tok.grid, len(classes), classes, shard_size=shard_size, resume=resume, info=info
+    ) as w:
+        for split, split_items, crop_, flip_, m in (
+            ("train", train_items, crop, flip, per_image),
+            ("val", val_items, "adm", False, 1),
+        ):
+            dataset = ImageViews(split_items, size, tok.channels, crop_, flip_)
+            skipped += _tokenize_split(w, split, dataset, m, tok, batch_size, num_workers, dev, skip_bad)
+    counts = {s: w.num_samples(s) for s in ("train", "val")}
+    print(f"Wrote {counts['train']} train and {counts['val']} val samples of {len(classes)} classes to {out_dir}")
+    if skipped:
+        more = " ..." if len(skipped) > 5 else ""
+        print(f"Skipped {len(skipped)} unreadable images: {', '.join(map(str, skipped[:5]))}{more}")
+    return out_dir
+
+
+# ---- RAR's released jsonl ------------------------------------------------------------------------------
+
+
+def _parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: int) -> tuple[int, np.ndarray]:
+    """One ``{"class_id": int, "tokens": [ints]}`` line; ValueError says what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(obj, dict) or "class_id" not in obj or "tokens" not in obj:
+        raise ValueError('expected an object {"class_id": int, "tokens": [ints]}')
+    label, tokens = obj["class_id"], obj["tokens"]
+    if type(label) is not int or not 0 <= label < num_classes:
+        raise ValueError(f"class_id {label!r} is not an integer in 0..{num_classes - 1}")
+    try:
+        codes = np.array(tokens) if isinstance(tokens, list) else None
+    except (ValueError, OverflowError):
+        codes = None
+    if codes is None or codes.shape != (num_tokens,) or codes.dtype.kind not in "iu":
+        raise ValueError(f"tokens is not a list of {num_tokens} integers")
+    if codes.min() < 0 or codes.max() >= codebook_size:
+        bad = codes[(codes < 0) | (codes >= codebook_size)][0]
+        raise ValueError(f"token {bad} is outside the codebook 0..{codebook_size - 1}")
+    return label, codes
+
+
+def import_jsonl(
+    jsonl: Path,
+    out_dir: Path,
+    val_every: int = 1280,
+    codebook_size: int = 1024,
+    grid: int = 16,
+    num_classes: int = 1000,
+    tokenizer: str = "maskgit-vqgan",
+    skip_bad: bool = False,
+    resume: bool = False,
+    shard_size: int = 65536,
+    chunk: int = 4096,
+) -> Path:
+    """Stream RAR's released pre-tokenized ImageNet (``maskgitvq.jsonl``) into shards, in constant memory.
+
+    Val split: every ``val_every``-th line (the val_every-th, 2*val_every-th, ...) goes to ``val``
+    instead of ``train``: spread over the whole file, hence over every class; 1280 holds out about
+    10,000 of the 12.8M lines. A line is one crop of an image whose other crops stay in train, so
+    val tracks fit on held-out crops rather than unseen images; for that, tokenize ImageNet's own
+    val folder with ``rar-llm tokenize``.
+
+    Args:
+        jsonl: the file; each line ``{"class_id": int, "tokens": [grid*grid ints]}``.
+        out_dir: the data folder to write.
+        val_every: hold out every this-many-th line as val; 0: no val split.
+        codebook_size, grid, num_classes: of the tokenizer and data (RAR's: 1024, 16, 1000).
+        tokenizer: recorded in ``meta.json`` so generation decodes with the tokenizer that made the codes.
+        skip_bad: skip malformed lines (and report how many) instead of stopping at the first.
+        resume: continue an interrupted import in ``out_dir`` (same ``val_every``).
+        shard_size: samples per shard file.
+        chunk: lines parsed before they are handed to the shard writer.
+    """
+    jsonl, out_dir = Path(jsonl), Path(out_dir)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"{jsonl} not found; download maskgitvq.jsonl from huggingface.co/yucornetto/RAR")
+    if val_every < 0 or val_every == 1:
+        raise ValueError(f"val_every must be 0 (no val) or >= 2, got {val_every}")
+    info = {"source": str(jsonl.resolve()), "tokenizer": tokenizer, "val_every": val_every}
+    if resume:
+        _check_resume(out_dir, info, ("val_every",))
+    skipped = 0
+    with ShardWriter(
+        out_dir, codebook_size, grid, grid, num_classes, shard_size=shard_size, resume=resume, info=info
+    ) as w:
+        start = {split: w.resume_position(split) for split in ("train", "val")}  # earlier lines are written
+        pending: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "val": ([], [], [])}
+
+        def hand_over(split: str) -> None:
+            codes, labels, positions = pending[split]
+            if codes:
+                w.add(split, np.stack(codes).reshape(-1, grid, grid), np.array(labels), np.array(positions))
+                pending[split] = ([], [], [])
+
+        with open(jsonl, "rb") as f, tqdm(
+            total=jsonl.stat().st_size, unit="B", unit_scale=True, desc=jsonl.name, dynamic_ncols=True
+        ) as bar:
+            for index, line in enumerate(f):
+                bar.update(len(line))
+                split = "val" if val_every and (index + 1) % val_every == 0 else "train"
+                if index < start[split] or not line.strip():
+                    continue
+                try:
+                    label, codes = _parse_line(line, grid * grid, codebook_size, num_classes)
+                except ValueError as e:
+                    if not skip_bad:
+                        raise ValueError(
+                            f"{jsonl} line {index + 1}: {e}; fix the line "
+                            "or pass skip_bad=True (--skip_bad true) to skip malformed lines"
+                        ) from None
+                    skipped += 1
+                    continue
+                split_codes, split_labels, split_positions = pending[split]
+                split_codes.append(codes)
+                split_labels.append(label)
+                split_positions.append(index)
+                if len(split_codes) >= chunk:
+                    hand_over(split)
+        hand_over("train")
+        hand_over("val")
+    print(f"Wrote {w.num_samples('train')} train and {w.num_samples('val')} val samples to {out_dir}")
+    if skipped:
+        print(f"Skipped {skipped} malformed lines of {jsonl}")
+    return out_dir

@@ -71,7 +71,7 @@ class ShardWriter:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.dtype = np.uint16 if self.codebook_size <= 65536 else np.int32
-        self._buf: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._buf: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
         new = {
             "format": FORMAT,
             "version": 1,
@@ -106,7 +106,17 @@ class ShardWriter:
         """Samples of a split already on disk (a resumed run skips that many)."""
         return sum(s["num_samples"] for s in self.meta["splits"].get(split, []))
 
-    def add(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
+    def resume_position(self, split: str) -> int:
+        """Where a resumed run picks up in its source: one past the last finished sample's position."""
+        shards = self.meta["splits"].get(split, [])
+        return shards[-1].get("end_position", self.num_samples(split)) if shards else 0
+
+    def add(self, split: str, codes: np.ndarray, labels: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """Buffer samples; every ``shard_size`` of them become a shard.
+
+        ``positions`` (increasing ints, default: the sample count) place each sample in its source (a
+        line, an image's crop); each shard records one past its last, for :meth:`resume_position`.
+        """
         codes = np.asarray(codes)
         labels = np.asarray(labels).reshape(-1)
         if codes.ndim == 2:
@@ -119,17 +129,24 @@ class ShardWriter:
             raise ValueError(f"codes outside the codebook 0..{self.codebook_size - 1}: {codes.min()}..{codes.max()}")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class ids outside 0..{self.num_classes - 1}: {labels.min()}..{labels.max()}")
-        cs, ls = self._buf.setdefault(split, ([], []))
+        cs, ls, ps = self._buf.setdefault(split, ([], [], []))
+        if positions is None:
+            start = self.resume_position(split) + sum(len(p) for p in ps)
+            positions = np.arange(start, start + len(labels))
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if positions.shape != labels.shape:
+            raise ValueError(f"expected {labels.shape[0]} positions, one per sample, got {positions.shape[0]}")
         cs.append(codes.astype(self.dtype))
         ls.append(labels.astype(np.int32))
-        while sum(len(c) for c in cs) >= self.shard_size:
+        ps.append(positions)
+        while sum(len(c) for c in self._buf[split][0]) >= self.shard_size:  # _flush replaces the buffer
             self._flush(split, self.shard_size)
 
     def _flush(self, split: str, limit: int | None = None) -> None:
-        cs, ls = self._buf.get(split, ([], []))
+        cs, ls, ps = self._buf.get(split, ([], [], []))
         if not cs:
             return
-        codes, labels = np.concatenate(cs), np.concatenate(ls)
+        codes, labels, positions = np.concatenate(cs), np.concatenate(ls), np.concatenate(ps)
         n = len(codes) if limit is None else min(limit, len(codes))
         if n == 0:
             return
@@ -141,9 +158,9 @@ class ShardWriter:
             with open(tmp, "wb") as f:
                 np.save(f, arr)
             os.replace(tmp, final)
-        shards.append({"file": name, "num_samples": int(n)})
+        shards.append({"file": name, "num_samples": int(n), "end_position": int(positions[n - 1]) + 1})
         _write_json_atomic(self.data_dir / META, self.meta)
-        self._buf[split] = ([codes[n:]], [labels[n:]]) if n < len(codes) else ([], [])
+        self._buf[split] = ([codes[n:]], [labels[n:]], [positions[n:]]) if n < len(codes) else ([], [], [])
 
     def close(self) -> None:
         """Write what is buffered as final (possibly short) shards."""

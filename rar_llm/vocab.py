@@ -124,13 +124,13 @@ class VocabLayout:
             )
         return ids + self.class_offset
 
-    def check_codes(self, codes, where: str = "codes") -> None:
+    def check_codes(self, codes, where: str = "") -> None:
         """Raise if any code lies outside the codebook."""
         arr = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
         if arr.size and (arr.min() < 0 or arr.max() >= self.codebook_size):
             bad = arr[(arr < 0) | (arr >= self.codebook_size)]
             raise ValueError(
-                f"{where}: code {int(bad.flat[0])} is outside the codebook 0..{self.codebook_size - 1}; "
+                f"{where + ': ' if where else ''}code {int(bad.flat[0])} is outside the codebook 0..{self.codebook_size - 1}; "
                 "the data was tokenized with a different tokenizer than this layout describes "
                 "(check codebook_size in the data's meta.json and the layout)"
             )

@@ -1,0 +1,136 @@
+"""Image generation with transformers' own ``generate`` on an exported model (``rar-llm export``).
+
+Two logits processors turn a plain causal-LM ``generate`` into RAR sampling: ``RARPositions`` forces
+the position token of each step of the chosen order and keeps code steps on image codes;
+``RARGuidance`` applies classifier-free guidance with ``rar_llm.generate``'s schedules.
+
+transformers' own guidance (``generate(guidance_scale=...)``, i.e.
+``UnbatchedClassifierFreeGuidanceLogitsProcessor``) runs the unconditional branch as a second forward
+with its own KV cache, which is what RAR needs, but its scale is constant and it skips that forward
+when the scale is 1 (the power-cosine schedule at step 0), which would desynchronise the cache; so
+``RARGuidance`` subclasses it for the unconditional branch and mixes with a per-step scale.
+``ClassifierFreeGuidanceLogitsProcessor`` expects MusicGen's doubled-batch ``generate``; it does not
+apply to Llama.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+from rar_llm.generate import _orders, guidance_scale
+from rar_llm.vocab import VocabLayout
+
+
+class RARPositions(LogitsProcessor):
+    """Force position tokens on even steps (the order's next cell) and image codes on odd steps."""
+
+    def __init__(self, layout: VocabLayout, order: torch.Tensor, prompt_len: int) -> None:
+        self.layout = layout
+        self.order = order
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        out = torch.full_like(scores, -math.inf)
+        if step % 2 == 0:
+            cells = self.order.to(scores.device)[:, step // 2]
+            out[torch.arange(scores.shape[0], device=scores.device), self.layout.pos_offset + cells] = 0.0
+        else:
+            codes = slice(self.layout.code_offset, self.layout.code_offset + self.layout.codebook_size)
+            out[:, codes] = scores[:, codes]
+        return out
+
+
+class RARGuidance(UnbatchedClassifierFreeGuidanceLogitsProcessor):
+    """Classifier-free guidance on code steps, ``uncond + g_t * (cond - uncond)`` on raw logits (as RAR).
+
+    The unconditional branch is the same sequence with the null class; it runs every step (position
+    steps too) so its KV cache stays in step with the conditional one.
+    """
+
+    def __init__(
+        self,
+        model,
+        layout: VocabLayout,
+        batch: int,
+        prompt_len: int,
+        guidance: float,
+        schedule: str = "constant",
+        power: float = 0.0,
+    ) -> None:
+        guidance_scale(guidance, 0, 1, schedule, power)  # validates the schedule name
+        null = torch.full((batch, 1), layout.null_class, dtype=torch.long, device=model.device)
+        super().__init__(guidance, model, unconditional_ids=null)
+        self.layout = layout
+        self.prompt_len = prompt_len
+        self.schedule = schedule
+        self.power = power
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uncond = self.get_unconditional_logits(input_ids)[:, -1].to(scores.dtype)
+        step = input_ids.shape[1] - self.prompt_len
+        if step % 2 == 0:
+            return scores
+        g = guidance_scale(self.guidance_scale, step // 2, self.layout.num_positions, self.schedule, self.power)
+        return uncond + g * (scores - uncond)
+
+
+@torch.inference_mode()
+def hf_generate(
+    model,
+    layout: VocabLayout,
+    class_ids: int | Sequence[int] | torch.Tensor,
+    guidance: float = 1.0,
+    schedule: str = "constant",
+    power: float = 0.0,
+    order: str | Sequence[int] | torch.Tensor = "raster",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """Sample ``(B, H, W)`` code grids with ``model.generate`` of a transformers causal LM.
+
+    Same settings and same greedy result as ``rar_llm.generate.generate`` (one cell per step; use
+    ``torch.manual_seed`` for reproducible samples: transformers draws from the global generator).
+
+    Args:
+        model: ``AutoModelForCausalLM.from_pretrained(folder)`` of a ``rar-llm export`` folder.
+        layout: ``VocabLayout.from_checkpoint(folder)``.
+        class_ids: one class id or many (one image each).
+        guidance: classifier-free guidance scale w (1: none; otherwise a second forward per step).
+        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.generate.guidance_scale``).
+        order: ``raster``, ``random``, a named scan (``rar_llm.generate.scan_order``) or a permutation
+            of the cells, ``(H*W,)`` or ``(B, H*W)``.
+        temperature: 0 is greedy; top_k, top_p: filters of the guided code logits.
+        generate_kwargs: passed on to ``model.generate`` (e.g. ``use_cache``).
+    """
+    prompt = layout.class_tokens(class_ids).to(model.device)[:, None]
+    batch = prompt.shape[0]
+    cells = _orders(order, batch, layout, None)
+    processors = LogitsProcessorList()
+    if guidance != 1.0:
+        processors.append(RARGuidance(model, layout, batch, prompt.shape[1], guidance, schedule, power))
+    processors.append(RARPositions(layout, cells, prompt.shape[1]))
+    if temperature == 0:
+        sampling = dict(do_sample=False, top_k=None)
+    else:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        logits_processor=processors,
+        max_new_tokens=2 * layout.num_positions,
+        eos_token_id=layout.eoi,  # never sampled (code steps are masked to codes): every image is complete
+        pad_token_id=layout.eoi,
+        **sampling,
+        **generate_kwargs,
+    )
+    codes = out[:, prompt.shape[1] + 1 :: 2].cpu() - layout.code_offset
+    grid = torch.empty_like(codes).scatter_(1, cells, codes)
+    return grid.view(batch, layout.height, layout.width)

@@ -2,12 +2,23 @@
 
 from jsonargparse import CLI
 
+from rar_llm.export import export, import_hf
 from rar_llm.init import init
-from rar_llm.prepare import digits
+from rar_llm.prepare import digits, import_jsonl, tokenize
 
 
 def main() -> None:
-    CLI({"init": init, "digits": digits}, as_positional=False)
+    CLI(
+        {
+            "init": init,
+            "digits": digits,
+            "tokenize": tokenize,
+            "import-jsonl": import_jsonl,
+            "export": export,
+            "import-hf": import_hf,
+        },
+        as_positional=False,
+    )
 
 
 if __name__ == "__main__":

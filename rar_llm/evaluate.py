@@ -1,0 +1,554 @@
+"""How good are generated code grids? Sample quality, memorisation and held-out likelihood.
+
+Two scales:
+
+* Small pixel-code data (scikit-learn's digits, pixel tokenizers): :func:`evaluate`. Features come
+  from an MLP trained here on the real training images, since no pretrained network knows 8x8
+  digits. Every figure for the samples is printed next to the same figure for real held-out
+  images, the floor a perfect generator would reach with as many images.
+* 256x256 images (RAR's ImageNet setting): :func:`inception_metrics`, FID / IS / precision / recall
+  on the TF Inception-v3 of 2015-12-05 as NVIDIA's TorchScript (StyleGAN2-ADA, StyleGAN3, clean-fid
+  load the same file). It needs only ``torch.jit.load``: torch-fidelity, pytorch-fid and clean-fid all
+  import torchvision, and the only torchvision for torch 2.13 here is a CUDA build that fails to import
+  on the CPU torch this project pins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from litgpt.model import GPT
+from torch import nn
+
+from rar_llm.generate import CodeDecoder, check_drawable, to_pixels
+from rar_llm.permute import IGNORE_INDEX, interleave
+from rar_llm.shards import Shards, read_meta
+from rar_llm.vocab import VocabLayout
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+ADM_REFERENCE_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+    "VIRTUAL_imagenet256_labeled.npz"
+)
+NLL_ORDERS = ("raster", "random")
+
+
+# ---- feature classifier ----------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """An MLP on pixels; its penultimate layer is the feature space of the Fréchet distance."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, int] = (256, 128)) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.body = nn.Sequential(
+            nn.Linear(in_features, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU()
+        )
+        self.head = nn.Linear(hidden[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def _inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32)).flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"the classifier was fitted on images of {self.in_features} values, got {tuple(images.shape)}; "
+                "pass images of the data it was fitted on"
+            )
+        return x
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, ...)`` float images -> ``(N, hidden[1])`` float64 penultimate activations."""
+        return self.body(self._inputs(images)).double().numpy()
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, ...)`` float images -> ``(N,)`` class ids."""
+        return self(self._inputs(images)).argmax(1).numpy()
+
+
+def fit_classifier(
+    train_images: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    seed: int = 0,
+    num_classes: int | None = None,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+) -> Classifier:
+    """Train the feature MLP on real images ``(N, ...)`` in [0, 1]; the same seed gives the same network.
+
+    The global torch RNG is left as it was, so evaluating mid-training does not change the run. It
+    trains on one thread: the matrices are so small that a second thread costs more than it gives
+    (25 s instead of 1 s on 2 busy cores), and the result no longer depends on the thread count.
+    """
+    x = torch.as_tensor(np.asarray(train_images, dtype=np.float32)).flatten(1)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"need at least 2 training images with one label each, got {len(x)} images, {len(y)} labels")
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clf = Classifier(x.shape[1], num_classes)
+            opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+            order = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                for idx in torch.randperm(len(x), generator=order).split(batch_size):
+                    loss = F.cross_entropy(clf(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return clf.eval()
+
+
+# ---- distances between sets of images ---------------------------------------------------------------
+def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if len(x) < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {len(x)}")
+    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def frechet_from_stats(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians, ``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^1/2)``.
+
+    ``tr (C1 C2)^1/2 = tr (C1^1/2 C2 C1^1/2)^1/2``, and both roots are of symmetric PSD matrices, so
+    two symmetric eigendecompositions in float64 give it with no complex parts (which ``sqrtm`` of
+    the non-symmetric ``C1 C2`` produces from rounding on near-singular covariances).
+    """
+    w, v = np.linalg.eigh(cov1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root @ cov2 @ root
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+    return max(fd, 0.0)  # only rounding makes it negative
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of features (rows are samples)."""
+    (mu1, cov1), (mu2, cov2) = _gaussian(a), _gaussian(b)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature sets of different widths: {np.shape(a)} vs {np.shape(b)}; compare like with like")
+    return frechet_from_stats(mu1, cov1, mu2, cov2)
+
+
+def _min_distance(
+    x: torch.Tensor, ref: torch.Tensor, offset: torch.Tensor | None = None, chunk: int = 256
+) -> torch.Tensor:
+    """``min_j |x_i - ref_j| - offset_j`` per row of ``x``, in chunks so 50k x 50k sets fit in memory."""
+    out = []
+    for xs in x.split(chunk):
+        d = torch.cdist(xs, ref)
+        out.append((d if offset is None else d - offset).min(1).values)
+    return torch.cat(out)
+
+
+def _knn_radius(x: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row."""
+    if len(x) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images per set, got {len(x)}")
+    return torch.cat([torch.cdist(xs, x).kthvalue(k + 1, dim=1).values for xs in x.split(chunk)])
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, k=3 as ADM's evaluator).
+
+    Precision: share of fake samples inside the real manifold (the union of balls reaching each real
+    sample's k-th neighbour); recall: share of real samples inside the fake manifold.
+    """
+    r = torch.as_tensor(np.asarray(real, dtype=np.float64)).flatten(1)
+    f = torch.as_tensor(np.asarray(fake, dtype=np.float64)).flatten(1)
+    precision = (_min_distance(f, r, _knn_radius(r, k)) <= 0).double().mean().item()
+    recall = (_min_distance(r, f, _knn_radius(f, k)) <= 0).double().mean().item()
+    return precision, recall
+
+
+# ---- memorisation -------------------------------------------------------------------------------------
+def _rows(codes: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.ascontiguousarray(np.asarray(codes, dtype=np.int64).reshape(len(codes), -1))]
+
+
+def copies(codes: np.ndarray, train_codes: np.ndarray) -> np.ndarray:
+    """``(N,)`` bools: which code grids equal a training grid in every code."""
+    seen = set(_rows(train_codes))
+    return np.array([r in seen for r in _rows(codes)], dtype=bool)
+
+
+def nearest_distance(images: np.ndarray, train_images: np.ndarray) -> np.ndarray:
+    """``(N,)`` L2 pixel distance of each image to its nearest training image."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float64)).flatten(1)
+    return _min_distance(x, torch.as_tensor(np.asarray(train_images, dtype=np.float64)).flatten(1)).numpy()
+
+
+# ---- held-out likelihood ------------------------------------------------------------------------------
+@torch.inference_mode()
+def heldout_nll(
+    model: GPT,
+    data_dir: Path | str,
+    layout: VocabLayout,
+    order: str = "raster",
+    seed: int = 0,
+    split: str = "val",
+    batch_size: int = 64,
+) -> float:
+    """Mean negative log-likelihood of a split's codes, in bits per code.
+
+    Each image is one ``interleave`` sequence, conditioned on its true class, in raster order or in a
+    random order per image drawn from ``seed``. The softmax runs over the code logits only (what the
+    sampler draws from), so a model that knows nothing scores ``log2(codebook_size)``.
+    """
+    if order not in NLL_ORDERS:
+        raise ValueError(f"order={order!r}: held-out NLL is measured in one of {list(NLL_ORDERS)}")
+    layout.check_model(model.config)
+    if model.max_seq_length < layout.seq_len:
+        raise ValueError(
+            f"model.max_seq_length={model.max_seq_length} is shorter than the {layout.seq_len} tokens of an "
+            f"image sequence; set model.max_seq_length = {layout.seq_len}"
+        )
+    shards = Shards(data_dir, split)
+    rng = np.random.default_rng(seed)
+    device = model.lm_head.weight.device
+    codes = slice(layout.code_offset, layout.class_offset)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(shards), batch_size):
+            rows = []
+            for i in range(start, min(start + batch_size, len(shards))):
+                grid, class_id = shards[i]
+                perm = rng.permutation(layout.num_positions) if order == "random" else None
+                rows.append(interleave(layout, class_id, grid, perm))
+            ids = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
+            targets = torch.from_numpy(np.stack([r[1] for r in rows]))[:, 1:].to(device)
+            logits = model(ids)[:, :-1, codes]
+            keep = targets != IGNORE_INDEX
+            total += F.cross_entropy(
+                logits[keep].double(), targets[keep] - layout.code_offset, reduction="sum"
+            ).item()
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return total / count / math.log(2)
+
+
+# ---- small-scale entry --------------------------------------------------------------------------------
+def _layout(data_dir: Path, layout: VocabLayout | None) -> VocabLayout:
+    """The data's layout, or the given one after checking it describes the data."""
+    meta = read_meta(data_dir)
+    keys = ("codebook_size", "height", "width", "num_classes")
+    if layout is None:
+        return VocabLayout(**{k: meta[k] for k in keys})
+    diff = [f"{k} {getattr(layout, k)} vs {meta[k]}" for k in keys if getattr(layout, k) != meta[k]]
+    if diff:
+        raise ValueError(f"the layout does not describe the data in {data_dir} ({', '.join(diff)} in meta.json)")
+    return layout
+
+
+def _all_codes(shards: Shards) -> np.ndarray:
+    return np.concatenate([np.asarray(c) for c in shards.codes]).astype(np.int64)
+
+
+def _image_scores(
+    codes: np.ndarray, images: np.ndarray, classes: np.ndarray, clf: Classifier,
+    train_codes: np.ndarray, train_images: np.ndarray,
+) -> dict:
+    """What each image says on its own: does it look like its class, is it a training image."""
+    return {
+        "consistency": float((clf.predict(images) == classes).mean()),
+        "copies": float(copies(codes, train_codes).mean()),
+        "nn_distance": float(nearest_distance(images, train_images).mean()),
+    }
+
+
+def _set_scores(images: np.ndarray, feats: np.ndarray, ref_images: np.ndarray, ref_feats: np.ndarray) -> dict:
+    """How a set of images compares with the held-out images as a distribution."""
+    precision, recall = precision_recall(ref_feats, feats)
+    return {
+        "fd_features": frechet_distance(feats, ref_feats),
+        "fd_pixels": frechet_distance(images, ref_images),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def evaluate(
+    samples_codes: np.ndarray,
+    sample_classes: np.ndarray,
+    data_dir: Path | str,
+    model: GPT | None = None,
+    layout: VocabLayout | None = None,
+    seed: int = 0,
+    tokenizer: CodeDecoder | None = None,
+) -> dict:
+    """All small-scale metrics of generated code grids against a data folder's train and val splits.
+
+    Returns a flat dict of the samples' figures and, under ``"real"``, the same figures for real
+    images: the Fréchet distances and precision/recall of as many training images as samples
+    against the held-out split (the floor), and consistency / memorisation of the held-out images.
+
+    fd_features, fd_pixels: Fréchet distance to the held-out images on MLP features / raw pixels.
+    precision, recall: improved precision/recall (k=3) on MLP features, against the held-out images.
+    consistency: share of images the MLP assigns to their (conditioning) class.
+    copies: share of images equal to a training image in every code.
+    nn_distance: mean L2 pixel distance to the nearest training image.
+    nll_raster_bits, nll_random_bits (with ``model``): held-out bits per code, see :func:`heldout_nll`.
+
+    Args:
+        samples_codes: ``(N, H, W)`` generated codes.
+        sample_classes: ``(N,)`` the class each sample was conditioned on.
+        data_dir: the data folder the model was trained on (its train split trains the MLP).
+        model: a litgpt GPT for the held-out NLL (None: skipped).
+        layout: the model's vocabulary layout (None: the data's, image-only).
+        seed: the MLP's training, the floor's training subset and the random NLL order.
+        tokenizer: decodes codes to pixels (None: the digits' 17 greys, see ``to_pixels``). The whole
+            train split is decoded, so this is for small data; use :func:`inception_metrics` at 256x256.
+    """
+    data_dir = Path(data_dir)
+    layout = _layout(data_dir, layout)
+    check_drawable(layout, tokenizer)
+    codes = np.asarray(samples_codes).astype(np.int64)
+    classes = np.asarray(sample_classes).astype(np.int64).reshape(-1)
+    if codes.ndim != 3 or codes.shape[1:] != (layout.height, layout.width) or len(codes) != len(classes):
+        raise ValueError(
+            f"expected samples_codes (N, {layout.height}, {layout.width}) and N sample_classes, got "
+            f"{codes.shape} and {classes.shape}"
+        )
+    layout.check_codes(codes, "samples_codes")
+    layout.class_tokens(classes)
+
+    def pixels(c: np.ndarray) -> np.ndarray:
+        return to_pixels(torch.from_numpy(c), layout, tokenizer).numpy()
+
+    train, val = Shards(data_dir, "train"), Shards(data_dir, "val")
+    train_codes, val_codes = _all_codes(train), _all_codes(val)
+    train_images, val_images, images = pixels(train_codes), pixels(val_codes), pixels(codes)
+    clf = fit_classifier(train_images, train.labels, seed=seed, num_classes=layout.num_classes)
+    val_feats = clf.features(val_images)
+    floor = np.random.default_rng(seed).choice(len(train), size=min(len(codes), len(train)), replace=False)
+
+    metrics: dict = {}
+    if model is not None:
+        metrics["nll_raster_bits"] = heldout_nll(model, data_dir, layout, "raster", seed)
+        metrics["nll_random_bits"] = heldout_nll(model, data_dir, layout, "random", seed)
+    metrics |= _set_scores(images, clf.features(images), val_images, val_feats)
+    metrics |= _image_scores(codes, images, classes, clf, train_codes, train_images)
+    metrics |= {"num_samples": len(codes), "num_heldout": len(val)}
+    real = _set_scores(train_images[floor], clf.features(train_images[floor]), val_images, val_feats)
+    metrics["real"] = real | _image_scores(val_codes, val_images, val.labels, clf, train_codes, train_images)
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """A two-column table: the samples' figure next to the real images' figure."""
+    real = metrics.get("real", {})
+    lines = [f"{'metric':18s} {'samples':>10s} {'real':>10s}"]
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            continue
+        other = real.get(key)
+        lines.append(f"{key:18s} {value:>10.4g} " + (f"{other:>10.4g}" if other is not None else f"{'':>10s}"))
+    return "\n".join(lines)
+
+
+# ---- 256x256: Inception metrics -------------------------------------------------------------------
+def load_inception(weights: Path | str | None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """NVIDIA's TorchScript of the TF Inception-v3 (2015-12-05) that FID and IS are defined on."""
+    how = (
+        f"download {INCEPTION_FILE} (the TF Inception-v3 of 2015-12-05 as TorchScript, the file StyleGAN2-ADA, "
+        f"StyleGAN3 and clean-fid use) from {INCEPTION_URL} and pass its path "
+        "(`rar-llm evaluate --inception_weights PATH`, or inception_metrics(..., weights=PATH))"
+    )
+    if weights is None:
+        raise FileNotFoundError(f"no Inception weights given: {how}")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights not found at {path}: {how}")
+    try:
+        return torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); pytorch-fid's pt_inception-*.pth and "
+            f"torch-fidelity's weights are state dicts and do not load here: {how}"
+        ) from e
+
+
+@torch.inference_mode()
+def inception_outputs(
+    detector: torch.jit.ScriptModule, images: np.ndarray, batch_size: int = 50, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pool features ``(N, 2048)`` and class probabilities ``(N, 1008)`` of uint8 images ``(N, H, W, C)``.
+
+    The detector resizes to 299x299 itself. Probabilities leave out the output bias, as the original
+    Inception Score code did (and StyleGAN's port of it).
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected uint8 images (N, H, W, 1 or 3), got {images.shape} {images.dtype}; "
+            "convert decoded (B, C, H, W) floats in [0, 1] with to_uint8"
+        )
+    feats, probs = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        x = x.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+        # two passes: the TorchScript returns either the features or the probabilities
+        feats.append(detector(x, return_features=True).double().cpu())
+        probs.append(detector(x, no_output_bias=True).double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> float:
+    """``exp E_x KL(p(y|x) || p(y))``, averaged over ``splits`` parts as the original code did."""
+    scores = []
+    for part in np.array_split(torch.as_tensor(probs, dtype=torch.float64), min(splits, len(probs))):
+        marginal = part.mean(0, keepdim=True)
+        kl = torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)
+        scores.append(kl.sum(1).mean().exp().item())
+    return float(np.mean(scores))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded ``(B, C, H, W)`` floats in [0, 1] -> uint8 ``(B, H, W, C)``, as sample files store them."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def inception_metrics(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    weights: Path | str | None,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    splits: int = 10,
+    k: int = 3,
+) -> dict:
+    """FID, Inception Score, precision and recall of uint8 sample images ``(N, H, W, C)``.
+
+    ``reference`` holds real uint8 images the same way, e.g. ``arr_0`` of ADM's ImageNet 256 reference
+    batch (``ADM_REFERENCE_URL``), the one RAR's numbers are measured against. Precision/recall use
+    the Inception pool features, as ADM's evaluator does. Numbers are close to, not identical with,
+    ADM's TensorFlow evaluator (the resize to 299 differs).
+    """
+    detector = load_inception(weights, device)
+    fake_feats, fake_probs = inception_outputs(detector, samples, batch_size, device)
+    real_feats, _ = inception_outputs(detector, reference, batch_size, device)
+    precision, recall = precision_recall(real_feats, fake_feats, k)
+    return {
+        "fid": frechet_distance(fake_feats, real_feats),
+        "inception_score": inception_score(fake_probs, splits),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(samples),
+        "num_reference": len(reference),
+    }
+
+
+def load_images(path: Path) -> np.ndarray:
+    """uint8 images ``(N, H, W, C)`` from a ``.npy`` or an ADM-style ``.npz`` (key ``arr_0``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no reference images at {path}; give a .npy or an ADM .npz (arr_0) of uint8 (N, H, W, 3)"
+        )
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise ValueError(
+                    f"{path} has no arr_0 (keys {list(f.keys())}); save the images as arr_0, as ADM's reference batches"
+                )
+            return f["arr_0"]
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; `rar-llm sample` writes codes.npy and labels.npy (or name them)")
+    return np.load(path, allow_pickle=False)
+
+
+def evaluate_cli(
+    checkpoint_dir: Path | None,
+    data_dir: Path,
+    codes_npy: Path,
+    labels_npy: Path | None = None,
+    out: Path | None = None,
+    seed: int = 0,
+    tokenizer: str | None = None,
+    inception_weights: Path | None = None,
+    reference: Path | None = None,
+    batch_size: int = 50,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict:
+    """Score generated codes (``rar-llm sample``'s codes.npy / labels.npy) and write ``metrics.json``.
+
+    Without ``inception_weights``: the small-scale metrics of :func:`evaluate` (digits, pixel codes).
+    With them: FID / IS / precision / recall of the decoded samples against ``reference`` images.
+    Either way, with a checkpoint the held-out NLL (bits per code, raster and random order) is added.
+
+    Args:
+        checkpoint_dir: the model's checkpoint folder, for the NLL (None: no NLL).
+        data_dir: the data folder the model was trained on.
+        codes_npy: ``(N, H, W)`` generated codes.
+        labels_npy: ``(N,)`` their classes (default: labels.npy beside codes_npy).
+        out: the metrics file (default: metrics.json beside codes_npy); never overwritten unless asked.
+        seed: the feature MLP, the floor's subset, the random NLL order.
+        tokenizer: decodes codes to pixels: a ``rar_llm.tokenizers`` name or weights file (None: digits greys).
+        inception_weights: local ``inception-2015-12-05.pt`` (see ``load_inception``) for 256x256 metrics.
+        reference: real uint8 images (N, H, W, 3) as .npy or ADM .npz, needed with inception_weights.
+        batch_size: images per forward pass (Inception, decoding).
+        device: torch device of the model, the tokenizer and Inception.
+        overwrite: replace an existing metrics file.
+    """
+    codes_npy = Path(codes_npy)
+    labels_npy = codes_npy.with_name("labels.npy") if labels_npy is None else Path(labels_npy)
+    out = codes_npy.with_name("metrics.json") if out is None else Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --out elsewhere or --overwrite true")
+    if inception_weights is not None and reference is None:
+        raise ValueError("--inception_weights needs --reference: real uint8 images (.npy, or ADM's .npz with arr_0)")
+    codes = _load_npy(codes_npy)
+    if tokenizer is not None:
+        from rar_llm.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    model, layout = None, None
+    if checkpoint_dir is not None:
+        from rar_llm.sample import load_model
+
+        layout = VocabLayout.from_checkpoint(checkpoint_dir)
+        model = load_model(checkpoint_dir, device)
+
+    if inception_weights is None:
+        metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer)
+    else:
+        layout = _layout(Path(data_dir), layout)
+        check_drawable(layout, tokenizer)
+        decoder = tokenizer.to(device) if tokenizer is not None else None
+        images = np.concatenate([
+            to_uint8(to_pixels(c.to(device), layout, decoder))
+            for c in torch.from_numpy(codes.astype(np.int64)).split(batch_size)
+        ])
+        metrics = {}
+        if model is not None:
+            metrics["nll_raster_bits"] = heldout_nll(model, data_dir, layout, "raster", seed)
+            metrics["nll_random_bits"] = heldout_nll(model, data_dir, layout, "random", seed)
+        metrics |= inception_metrics(images, load_images(reference), inception_weights, batch_size, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(format_metrics(metrics))
+    print(f"Wrote {out}")
+    return metrics

@@ -2,6 +2,8 @@
 
 from jsonargparse import CLI
 
+from rar_llm.demo import demo
+from rar_llm.evaluate import evaluate_cli
 from rar_llm.export import export, import_hf
 from rar_llm.init import init
 from rar_llm.prepare import digits, import_jsonl, tokenize
@@ -10,10 +12,12 @@ from rar_llm.prepare import digits, import_jsonl, tokenize
 def main() -> None:
     CLI(
         {
+            "demo": demo,
             "init": init,
             "digits": digits,
             "tokenize": tokenize,
             "import-jsonl": import_jsonl,
+            "evaluate": evaluate_cli,
             "export": export,
             "import-hf": import_hf,
         },

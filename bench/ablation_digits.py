@@ -7,6 +7,7 @@ figures beside the distances. The RAR model is also decoded in parallel at fewer
 
     python bench/ablation_digits.py                       # 3 seeds x 3 variants, ~35 min on 2 cores
     python bench/ablation_digits.py --seeds 1 --steps 100 # a quick look
+    python bench/ablation_digits.py --variants '[rar-sincos, rar-rend0.2, rar-early]'   # the levers
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ from rar_llm.init import init_weights, model_config
 from rar_llm.prepare import digits
 from rar_llm.vocab import VocabLayout
 
-# name: (anneal_start, anneal_end, r_end)
-VARIANTS = {"raster": (0.0, 0.0, 0.0), "rar": (0.5, 0.75, 0.0), "random": (1.0, 1.0, 1.0)}
+# name: (anneal_start, anneal_end, r_end, position-token init)
+VARIANTS = {
+    "raster": (0.0, 0.0, 0.0, "normal"),
+    "rar": (0.5, 0.75, 0.0, "normal"),
+    "random": (1.0, 1.0, 1.0, "normal"),
+    # levers that could help RAR at small scale
+    "rar-sincos": (0.5, 0.75, 0.0, "sincos"),
+    "rar-rend0.2": (0.5, 0.75, 0.2, "normal"),
+    "rar-early": (0.25, 0.5, 0.0, "normal"),
+}
 SHOWN = ["nll_raster_bits", "nll_random_bits", "fd_features", "fd_pixels", "consistency", "copies",
          "nn_distance"]
 
@@ -40,14 +49,14 @@ SHOWN = ["nll_raster_bits", "nll_random_bits", "fd_features", "fd_pixels", "cons
 def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, lr: float, eval_every: int,
           layout: VocabLayout) -> tuple[GPT, int, float]:
     """Train one variant; returns the model at its best held-out raster NLL, that step, and the NLL."""
-    start, end, r_end = VARIANTS[variant]
+    start, end, r_end, pos_init = VARIANTS[variant]
     data = RARData(data_dir=data_dir, total_samples=steps * batch_size, anneal_start=start, anneal_end=end,
                    r_end=r_end, seed=seed, num_workers=0)
     data.connect(batch_size=batch_size)
     data.setup()
     torch.manual_seed(seed)
     model = GPT(model_config("rar-tiny", layout))
-    init_weights(model)
+    init_weights(model, layout=layout, pos_init=pos_init)
     model.max_seq_length = layout.seq_len
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.96), weight_decay=0.03)
     warmup = max(1, steps // 10)
@@ -84,15 +93,19 @@ def score(model: GPT, data_dir: Path, layout: VocabLayout, per_class: int, guida
 
 
 def main(seeds: int = 3, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, eval_every: int = 50,
-         per_class: int = 36, guidance: float = 1.5, threads: int = 2, out: Path = Path("ablation.json")) -> None:
-    """Run every variant for every seed and print a table of means and spreads."""
+         per_class: int = 36, guidance: float = 1.5, threads: int = 2, out: Path = Path("ablation.json"),
+         variants: list[str] = ["raster", "rar", "random"]) -> None:
+    """Run the variants (names in VARIANTS) for every seed and print a table of means and spreads."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     torch.set_num_threads(threads)
     layout = VocabLayout.load("digits")
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             data_dir = digits(Path(tmp) / f"digits{seed}", seed=0)  # one split for all seeds
-            for variant in VARIANTS:
+            for variant in variants:
                 t0 = time.perf_counter()
                 model, best_step, _ = train(data_dir, variant, seed, steps, batch_size, lr, eval_every, layout)
                 m = score(model, data_dir, layout, per_class, guidance, seed)

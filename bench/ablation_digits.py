@@ -5,7 +5,9 @@ step budget; only the permutation schedule differs. Each run keeps its best held
 (early stopping, checked every ``eval_every`` steps) and is scored there, with the memorisation
 figures beside the distances. The RAR model is also decoded in parallel at fewer steps.
 
-    python bench/ablation_digits.py                       # 3 seeds x 3 variants, ~35 min on 2 cores
+    python bench/ablation_digits.py                       # 3 seeds x 3 variants (about 35 min on 2 idle cores)
+    for s in 0 1 2; do python bench/ablation_digits.py --seeds 1 --first_seed $s --threads 1 --out s$s.json & done; wait
+    python bench/ablation_digits.py --merge '[s0.json, s1.json, s2.json]'
     python bench/ablation_digits.py --seeds 1 --steps 100 # a quick look
     python bench/ablation_digits.py --variants '[rar-sincos, rar-rend0.2, rar-early]'   # the levers
 """
@@ -92,19 +94,45 @@ def score(model: GPT, data_dir: Path, layout: VocabLayout, per_class: int, guida
     return evaluate(codes.numpy(), classes.numpy(), data_dir, model=model, layout=layout, seed=seed)
 
 
-def main(seeds: int = 3, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, eval_every: int = 50,
-         per_class: int = 36, guidance: float = 1.5, threads: int = 2, out: Path = Path("ablation.json"),
-         variants: list[str] = ["raster", "rar", "random"]) -> None:
-    """Run the variants (names in VARIANTS) for every seed and print a table of means and spreads."""
+def table(rows: dict[str, list[dict]], real: dict) -> str:
+    """Markdown table of mean ± spread (half the range) per variant."""
+    header = ["variant", "seeds", "best step"] + SHOWN
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in rows.items():
+        cells = [name, str(len(runs)), f"{statistics.mean(r['best_step'] for r in runs):.0f}"]
+        for key in SHOWN:
+            vals = [r[key] for r in runs]
+            cells.append(f"{statistics.mean(vals):.3f} ± {(max(vals) - min(vals)) / 2:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| real held-out images | | | | | " + " | ".join(f"{real[k]:.3f}" for k in SHOWN[2:]) + " |")
+    return "\n".join(lines)
+
+
+def main(seeds: int = 3, first_seed: int = 0, steps: int = 400, batch_size: int = 64, lr: float = 2e-3,
+         eval_every: int = 50, per_class: int = 36, guidance: float = 1.5, threads: int = 2,
+         out: Path = Path("ablation.json"), variants: list[str] = ["raster", "rar", "random"],
+         merge: list[Path] | None = None) -> None:
+    """Run the variants (names in VARIANTS) for seeds first_seed.. and print a table of means and spreads.
+
+    ``--merge '[a.json, b.json]'`` prints one table over runs saved by several processes (one per seed).
+    """
+    if merge:
+        saved = [json.loads(Path(f).read_text()) for f in merge]
+        rows: dict[str, list[dict]] = {}
+        for d in saved:
+            for name, runs in d["rows"].items():
+                rows.setdefault(name, []).extend(runs)
+        print(table(rows, saved[0]["real"]))
+        return
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     torch.set_num_threads(threads)
     layout = VocabLayout.load("digits")
-    rows: dict[str, list[dict]] = {}
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
-            data_dir = digits(Path(tmp) / f"digits{seed}", seed=0)  # one split for all seeds
+        data_dir = digits(Path(tmp) / "digits", seed=0)  # one split for all seeds
+        for seed in range(first_seed, first_seed + seeds):
             for variant in variants:
                 t0 = time.perf_counter()
                 model, best_step, _ = train(data_dir, variant, seed, steps, batch_size, lr, eval_every, layout)
@@ -119,22 +147,10 @@ def main(seeds: int = 3, steps: int = 400, batch_size: int = 64, lr: float = 2e-
                         p = score(model, data_dir, layout, per_class, guidance, seed, steps=k)
                         p["best_step"] = best_step
                         rows.setdefault(f"rar, {k} parallel steps", []).append(p)
-            real = m["real"]  # the real-vs-real floor (same split for every seed)
     print(f"\n{seeds} seeds x {steps} steps of {batch_size}, guidance {guidance}, {per_class} samples per class; "
           "mean ± spread (half the range) at each run's best held-out NLL")
-    header = ["variant", "best step"] + SHOWN
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for name, runs in rows.items():
-        cells = [name]
-        for key in ["best_step"] + SHOWN:
-            vals = [r[key] for r in runs]
-            spread = (max(vals) - min(vals)) / 2
-            cells.append(f"{statistics.mean(vals):.3f} ± {spread:.3f}" if key != "best_step"
-                         else f"{statistics.mean(vals):.0f}")
-        print("| " + " | ".join(cells) + " |")
-    print("| real held-out images | | | | " + " | ".join(
-        f"{real[k]:.3f}" if k in real else "" for k in SHOWN[2:]) + " |")
-    out.write_text(json.dumps({"rows": rows, "real": real}, indent=1, default=float) + "\n")
+    print(table(rows, m["real"]))
+    out.write_text(json.dumps({"rows": rows, "real": m["real"]}, indent=1, default=float) + "\n")
     print(f"wrote {out}")
 
 

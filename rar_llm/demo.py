@@ -71,7 +71,7 @@ def demo(
     batch_size: int = 64,
     lr: float = 2e-3,
     samples_per_class: int = 36,
-    guidance: float = 1.5,
+    guidance: float = 2.0,
     temperature: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,

@@ -110,6 +110,7 @@ def scan_order(name: str, height: int, width: int) -> torch.Tensor:
     spiral_in: clockwise from the border to the centre; spiral_out: its reverse.
     subsample: the four stride-2 sub-grids (even/even, even/odd, odd/even, odd/odd), each in raster.
     alternate: rows top to bottom, every other row right to left (boustrophedon).
+    RAR names these scans but ships no code for them; subsample and alternate are our reading.
     """
     r, c = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     r, c = r.reshape(-1), c.reshape(-1)

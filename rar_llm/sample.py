@@ -53,7 +53,7 @@ def image_grid(images: torch.Tensor, rows: int, min_size: int = 64, pad: int = 2
         r, c = divmod(i, cols)
         canvas[:, pad + r * h : pad + r * h + H * scale, pad + c * w : pad + c * w + W * scale] = tile
     pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[..., 0] if C == 1 else pixels, "L" if C == 1 else "RGB")
+    return Image.fromarray(pixels[..., 0] if C == 1 else pixels)  # grey "L" or "RGB"
 
 
 def sample(

@@ -1,0 +1,106 @@
+"""Images/s of ``rar_llm.generate`` for RAR-B on the CPU (random weights, guidance on, batch 4).
+
+Compares, in one process and on the same model:
+  cached       rar_llm.generate as shipped: litgpt's KV cache, two tokens per step, batch 4 (+4 null),
+               weights and cache in ``--dtype`` (bfloat16: the CPU's avx512_bf16 matmuls)
+  float32      the cached path with float32 weights: the plain two-tokens-per-step litgpt loop
+  one-by-one   cached, one image at a time
+  full         cached's model without the KV cache (the whole sequence every step)
+
+    python bench/generate.py                        # 256-code images, all variants (full takes long)
+    python bench/generate.py --steps 32             # a quick check: 32 codes per image (a 16x2 grid)
+    python bench/generate.py --skip '[full]'
+
+Reference on this machine kind: RAR's own PyTorch sampler makes 4 RAR-B images with guidance in 29.1 s
+(0.137 img/s); a plain float32 two-tokens-per-step loop took 35 s. The target is 1.5x RAR's sampler.
+The machine is shared: the load average is printed before and after, and ratios within one run are
+more telling than absolute figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+RAR_SECONDS, PLAIN_LOOP_SECONDS = 29.1, 35.0  # 4 RAR-B images with guidance, this machine kind
+
+
+def bench(
+    steps: int = 256,
+    batch: int = 4,
+    threads: int = 2,
+    dtype: str = "bfloat16",
+    model: str = "rar-b",
+    skip: list[str] | None = None,
+) -> dict[str, float]:
+    """Time each variant once (after a warm-up) and print images/s and ratios.
+
+    Args:
+        steps: codes per image, one per step (a multiple of 16: the grid is 16 x steps/16; 256 is RAR's).
+        batch: images per call (guidance doubles the rows).
+        threads: torch and OpenMP threads.
+        dtype: weights and KV-cache dtype of the cached, one-by-one and full variants.
+        model: a registered config (rar-b, rar-l, ...); its RAR guidance preset is used.
+        skip: variants to leave out: one-by-one, full, float32.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its thread pool
+    import torch
+    from litgpt.model import GPT
+
+    from rar_llm.generate import RAR_PRESETS, generate
+    from rar_llm.init import init_weights, model_config
+    from rar_llm.vocab import VocabLayout
+
+    torch.set_num_threads(threads)
+    if steps % 16 or steps < 16:
+        raise ValueError(f"--steps {steps} must be a positive multiple of 16 (the grid is 16 x steps/16)")
+    skip = set(skip or [])
+    layout = VocabLayout(codebook_size=1024, height=16, width=steps // 16, num_classes=1000)  # MaskGIT-VQGAN
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        gpt32 = GPT(model_config(model, layout))
+    gpt32.to_empty(device="cpu")
+    init_weights(gpt32)
+    gpt32.max_seq_length = layout.seq_len
+    gpt32.cos, gpt32.sin = gpt32.rope_cache()
+    gpt = copy.deepcopy(gpt32).to(getattr(torch, dtype)).eval()
+    preset = RAR_PRESETS.get(model, RAR_PRESETS["rar-b"])
+    classes = list(range(batch))
+    print(f"{model}, {threads} threads, batch {batch}, {steps} codes/image, {preset}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+
+    def run(net: GPT, kv_cache: bool = True, one_by_one: bool = False) -> float:
+        generate(net, [0], layout=layout, steps=1, seed=0, **preset)  # warm-up: thread pool, kernels
+        start = time.perf_counter()
+        for chunk in [[c] for c in classes] if one_by_one else [classes]:
+            generate(net, chunk, layout=layout, seed=0, kv_cache=kv_cache, **preset)
+        return time.perf_counter() - start
+
+    seconds = {f"cached {dtype}": run(gpt)}  # the short runs first, so they see the same machine load
+    if "float32" not in skip and dtype != "float32":
+        seconds["cached float32"] = run(gpt32)
+    if "one-by-one" not in skip:
+        seconds[f"one-by-one {dtype}"] = run(gpt, one_by_one=True)
+    if "full" not in skip:
+        seconds[f"full {dtype}"] = run(gpt, kv_cache=False)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+    main = seconds[f"cached {dtype}"]
+    for name, s in seconds.items():
+        print(f"{name:>20}: {s:8.1f} s for {batch} images = {batch / s:.3f} img/s; "
+              f"cached {dtype} is {s / main:.2f}x faster")
+    if steps == 256 and batch == 4:
+        print(f"{'RAR sampler':>20}: {RAR_SECONDS:8.1f} s (reference) = {batch / RAR_SECONDS:.3f} img/s; "
+              f"cached {dtype} is {RAR_SECONDS / main:.2f}x faster (target 1.5x)")
+        if "cached float32" in seconds:
+            rar_here = seconds["cached float32"] * RAR_SECONDS / PLAIN_LOOP_SECONDS
+            print(f"{'RAR sampler, scaled':>20}: {rar_here:8.1f} s (the float32 loop x {RAR_SECONDS}/"
+                  f"{PLAIN_LOOP_SECONDS}: this machine now); cached {dtype} is {rar_here / main:.2f}x faster")
+    return {name: batch / s for name, s in seconds.items()}
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(bench, as_positional=False)

@@ -68,7 +68,7 @@ def bench(
     preset = RAR_PRESETS.get(model, RAR_PRESETS["rar-b"])
     classes = list(range(batch))
     print(f"{model}, {threads} threads, batch {batch}, {steps} codes/image, {preset}")
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
     def run(net: GPT, kv_cache: bool = True, one_by_one: bool = False) -> float:
         generate(net, [0], layout=layout, steps=1, seed=0, **preset)  # warm-up: thread pool, kernels
@@ -77,26 +77,29 @@ def bench(
             generate(net, chunk, layout=layout, seed=0, kv_cache=kv_cache, **preset)
         return time.perf_counter() - start
 
-    seconds = {f"cached {dtype}": run(gpt)}  # the short runs first, so they see the same machine load
-    if "float32" not in skip and dtype != "float32":
-        seconds["cached float32"] = run(gpt32)
-    if "one-by-one" not in skip:
-        seconds[f"one-by-one {dtype}"] = run(gpt, one_by_one=True)
-    if "full" not in skip:
-        seconds[f"full {dtype}"] = run(gpt, kv_cache=False)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    seconds: dict[str, float] = {}
+    main = f"cached {dtype}"
 
-    main = seconds[f"cached {dtype}"]
-    for name, s in seconds.items():
+    def report(name: str, s: float) -> None:
+        seconds[name] = s
         print(f"{name:>20}: {s:8.1f} s for {batch} images = {batch / s:.3f} img/s; "
-              f"cached {dtype} is {s / main:.2f}x faster")
+              f"{main} is {s / seconds[main]:.2f}x faster", flush=True)
+
+    report(main, run(gpt))  # the short runs first, so they see the same machine load
+    if "float32" not in skip and dtype != "float32":
+        report("cached float32", run(gpt32))
+    if "one-by-one" not in skip:
+        report(f"one-by-one {dtype}", run(gpt, one_by_one=True))
+    if "full" not in skip:
+        report(f"full {dtype}", run(gpt, kv_cache=False))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     if steps == 256 and batch == 4:
         print(f"{'RAR sampler':>20}: {RAR_SECONDS:8.1f} s (reference) = {batch / RAR_SECONDS:.3f} img/s; "
-              f"cached {dtype} is {RAR_SECONDS / main:.2f}x faster (target 1.5x)")
+              f"{main} is {RAR_SECONDS / seconds[main]:.2f}x faster (target 1.5x)")
         if "cached float32" in seconds:
             rar_here = seconds["cached float32"] * RAR_SECONDS / PLAIN_LOOP_SECONDS
             print(f"{'RAR sampler, scaled':>20}: {rar_here:8.1f} s (the float32 loop x {RAR_SECONDS}/"
-                  f"{PLAIN_LOOP_SECONDS}: this machine now); cached {dtype} is {rar_here / main:.2f}x faster")
+                  f"{PLAIN_LOOP_SECONDS}: this machine now); {main} is {rar_here / seconds[main]:.2f}x faster")
     return {name: batch / s for name, s in seconds.items()}
 
 

@@ -19,8 +19,9 @@ scale ``g`` follows a schedule over the share ``t / n`` of the cells generated b
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -247,6 +248,50 @@ def _sequence(
     return seq
 
 
+# ---- CPU weight prepacking -------------------------------------------------------------------------
+def _packable(model: GPT) -> bool:
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
+
+
+@contextlib.contextmanager
+def prepacked(model: GPT, batch_hint: int = 16) -> Iterator[GPT]:
+    """Run the model's ``nn.Linear`` layers on oneDNN-prepacked weights for the duration (CPU only).
+
+    Decoding feeds a few tokens per step, so each step is a row of skinny matmuls that stream every
+    weight from memory; ATen's default CPU matmul repacks the weight on every call and reaches about
+    half the memory bandwidth that a weight laid out once in oneDNN's blocked format does (the same
+    prepacking ``torch.compile``'s CPU freezing does). Same arithmetic (fp32 accumulation), so results
+    differ only by floating-point noise. Costs one extra copy of the linear weights while active; a
+    no-op off the CPU or where oneDNN cannot run the dtype. The modules are restored afterwards.
+    ``generate`` packs for each call (~0.4 s for RAR-B); wrap a loop of calls in ``with prepacked(model):``
+    to pack once.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in m.__dict__]
+    if not _packable(model) or not linears:  # nothing to do, or an outer ``prepacked`` already did it
+        yield model
+        return
+
+    def packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed, module.bias, "none", [], "")
+            return y.view(*x.shape[:-1], y.size(-1))
+
+        return forward
+
+    try:
+        for m in linears:
+            m.forward = packed_forward(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint))
+        yield model
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
 # ---- generation ----------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate(
@@ -266,6 +311,7 @@ def generate(
     steps: int | None = None,
     seed: int | torch.Generator | None = None,
     kv_cache: bool = True,
+    prepack: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample one code grid per class id; returns ``(B, H, W)`` long codes in ``0..K-1``.
@@ -288,6 +334,8 @@ def generate(
             several cells per step on RandAR's cosine schedule.
         seed: an int or a ``torch.Generator`` (on the model's device) for reproducible samples.
         kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
+        prepack: on the CPU, run the linear layers on prepacked weights for the call (``prepacked``):
+            about 1.7x faster matmuls for one extra copy of the weights in memory.
         progress: show a tqdm bar over the steps.
 
     The model's KV cache (and mask cache) are put back as the caller had them.
@@ -328,23 +376,24 @@ def generate(
     if kv_cache:
         model.set_kv_cache(rows, max_seq_length=layout.seq_len, device=device, dtype=model.lm_head.weight.dtype)
     try:
-        done, start = n_known, 0
-        for k in tqdm(counts, desc="generate", unit="step", disable=not progress, leave=False):
-            p = 1 + 2 * done  # slot of this step's first query
-            queries = seq[:, p : p + 2 * k : 2]
-            if kv_cache:
-                idx = torch.cat((seq[:, start:p], queries), dim=1)
-                input_pos = torch.arange(start, p + k, device=device)
-                logits = model(idx, input_pos=input_pos, input_pos_maxp1=p + k)
-            else:
-                logits = model(torch.cat((seq[:, :p], queries), dim=1))
-            logits = logits[:, -k:, codes_slice].float()
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance_scale(guidance, done - n_known, n_gen, schedule, power) * (cond - uncond)
-            new = sample_codes(logits, temperature, top_k, top_p, gen)
-            seq[:, p + 1 : p + 2 * k : 2] = (layout.code_offset + new).repeat(rows // B, 1)
-            done, start = done + k, p + 1
+        with prepacked(model, batch_hint=2 * rows) if prepack else contextlib.nullcontext():
+            done, start = n_known, 0
+            for k in tqdm(counts, desc="generate", unit="step", disable=not progress, leave=False):
+                p = 1 + 2 * done  # slot of this step's first query
+                queries = seq[:, p : p + 2 * k : 2]
+                if kv_cache:
+                    idx = torch.cat((seq[:, start:p], queries), dim=1)
+                    input_pos = torch.arange(start, p + k, device=device)
+                    logits = model(idx, input_pos=input_pos, input_pos_maxp1=p + k)
+                else:
+                    logits = model(torch.cat((seq[:, :p], queries), dim=1))
+                logits = logits[:, -k:, codes_slice].float()
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + guidance_scale(guidance, done - n_known, n_gen, schedule, power) * (cond - uncond)
+                new = sample_codes(logits, temperature, top_k, top_p, gen)
+                seq[:, p + 1 : p + 2 * k : 2] = (layout.code_offset + new).repeat(rows // B, 1)
+                done, start = done + k, p + 1
     finally:
         for block, cache in zip(model.transformer.h, saved[0]):
             block.attn.kv_cache = cache

@@ -1,3 +1,4 @@
+import copy
 import importlib
 import math
 
@@ -102,6 +103,29 @@ def test_kv_cache_is_left_as_the_caller_had_it(model):
     generate(model, [0, 1], layout=LAYOUT, steps=3, guidance=2.0)
     assert model.mask_cache.shape[-1] == 8 and [b.attn.kv_cache for b in model.transformer.h] == caches
     model.clear_kv_cache()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN (x86/ARM CPU builds)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_keep_logits_and_samples(model, dtype):
+    net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    if not G._packable(net):
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU")
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    rng = np.random.default_rng(0)
+    idx = torch.from_numpy(interleave(LAYOUT, 1, rng.integers(0, 17, N), rng.permutation(N))[0])[None]
+    plain = net(idx)
+    with G.prepacked(net):
+        assert all("forward" in m.__dict__ for m in linears)
+        packed = net(idx)
+        with G.prepacked(net):  # nested: packs nothing again
+            torch.testing.assert_close(net(idx), packed, atol=0, rtol=0)
+    assert not any("forward" in m.__dict__ for m in linears)  # restored
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * plain.abs().max().item()
+    torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        kw = dict(layout=LAYOUT, seed=5, guidance=2.0, order="random")
+        assert torch.equal(generate(net, [0, 1, 2], prepack=False, **kw), generate(net, [0, 1, 2], **kw))
 
 
 @pytest.mark.parametrize("order", [*G.ORDERS, "given"])

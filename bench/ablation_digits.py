@@ -147,11 +147,11 @@ def main(seeds: int = 3, first_seed: int = 0, steps: int = 400, batch_size: int 
                         p = score(model, data_dir, layout, per_class, guidance, seed, steps=k)
                         p["best_step"] = best_step
                         rows.setdefault(f"rar, {k} parallel steps", []).append(p)
+                out.write_text(json.dumps({"rows": rows, "real": m["real"]}, indent=1, default=float) + "\n")
     print(f"\n{seeds} seeds x {steps} steps of {batch_size}, guidance {guidance}, {per_class} samples per class; "
           "mean ± spread (half the range) at each run's best held-out NLL")
     print(table(rows, m["real"]))
-    out.write_text(json.dumps({"rows": rows, "real": m["real"]}, indent=1, default=float) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out} (after every run)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ from litgpt.model import GPT
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE, Unigram
 
-from rar_llm.generate import _check_sampling, _generator, _orders, guidance_scale, parallel_schedule, sample_codes
+from rar_llm.generate import (
+    _check_sampling,
+    _generator,
+    _orders,
+    guidance_scale,
+    parallel_schedule,
+    prepacked,
+    sample_codes,
+)
 from rar_llm.vocab import ADAPTERS_DIR, VocabLayout
 
 SCHEMES = ("tiktoken", "sentencepiece", "hf")
@@ -470,25 +478,26 @@ def generate_from_prompt(
         model.set_kv_cache(B, max_seq_length=need, device=device, dtype=model.lm_head.weight.dtype)
         caches.append([block.attn.kv_cache for block in model.transformer.h])
     try:
-        done, starts = 0, [0] * len(seqs)
-        for k in counts:
-            logits = []
-            for b, (seq, cache) in enumerate(zip(seqs, caches)):
-                for block, c in zip(model.transformer.h, cache):
-                    block.attn.kv_cache = c
-                p = len(prefixes[b]) + 2 * done  # slot of this step's first query
-                idx = torch.cat((seq[:, starts[b] : p], seq[:, p : p + 2 * k : 2]), 1)
-                out = model(idx, input_pos=torch.arange(starts[b], p + k, device=device), input_pos_maxp1=p + k)
-                logits.append(out[:, -k:, codes].float())
-                starts[b] = p + 1
-            mixed = logits[0]
-            if len(logits) == 2:
-                mixed = logits[1] + guidance_scale(guidance, done, n, schedule, power) * (logits[0] - logits[1])
-            new = layout.code_offset + sample_codes(mixed, temperature, top_k, top_p, gen)
-            for seq, prefix in zip(seqs, prefixes):
-                p = len(prefix) + 2 * done
-                seq[:, p + 1 : p + 2 * k : 2] = new
-            done += k
+        with prepacked(model):  # CPU: oneDNN-prepacked linear weights for the call
+            done, starts = 0, [0] * len(seqs)
+            for k in counts:
+                logits = []
+                for b, (seq, cache) in enumerate(zip(seqs, caches)):
+                    for block, c in zip(model.transformer.h, cache):
+                        block.attn.kv_cache = c
+                    p = len(prefixes[b]) + 2 * done  # slot of this step's first query
+                    idx = torch.cat((seq[:, starts[b] : p], seq[:, p : p + 2 * k : 2]), 1)
+                    out = model(idx, input_pos=torch.arange(starts[b], p + k, device=device), input_pos_maxp1=p + k)
+                    logits.append(out[:, -k:, codes].float())
+                    starts[b] = p + 1
+                mixed = logits[0]
+                if len(logits) == 2:
+                    mixed = logits[1] + guidance_scale(guidance, done, n, schedule, power) * (logits[0] - logits[1])
+                new = layout.code_offset + sample_codes(mixed, temperature, top_k, top_p, gen)
+                for seq, prefix in zip(seqs, prefixes):
+                    p = len(prefix) + 2 * done
+                    seq[:, p + 1 : p + 2 * k : 2] = new
+                done += k
     finally:
         for block, cache in zip(model.transformer.h, saved[0]):
             block.attn.kv_cache = cache

@@ -10,6 +10,7 @@ figures beside the distances. The RAR model is also decoded in parallel at fewer
     python bench/ablation_digits.py --merge '[s0.json, s1.json, s2.json]'
     python bench/ablation_digits.py --seeds 1 --steps 100 # a quick look
     python bench/ablation_digits.py --variants '[rar-sincos, rar-rend0.2, rar-early]'   # the levers
+    python bench/ablation_digits.py --variants '[rar-rope0.25, rar-192, rar-shift, raster-192, raster-shift]'
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from jsonargparse import CLI
 from litgpt.model import GPT
@@ -32,32 +34,59 @@ from rar_llm.evaluate import evaluate, heldout_nll
 from rar_llm.generate import generate
 from rar_llm.init import init_weights, model_config
 from rar_llm.prepare import digits
+from rar_llm.shards import Shards, ShardWriter, read_meta
 from rar_llm.vocab import VocabLayout
 
-# name: (anneal_start, anneal_end, r_end, position-token init)
+# name: (anneal_start, anneal_end, r_end, position-token init, model config overrides, shift augmentation)
 VARIANTS = {
-    "raster": (0.0, 0.0, 0.0, "normal"),
-    "rar": (0.5, 0.75, 0.0, "normal"),
-    "random": (1.0, 1.0, 1.0, "normal"),
+    "raster": (0.0, 0.0, 0.0, "normal", {}, False),
+    "rar": (0.5, 0.75, 0.0, "normal", {}, False),
+    "random": (1.0, 1.0, 1.0, "normal", {}, False),
     # levers that could help RAR at small scale
-    "rar-sincos": (0.5, 0.75, 0.0, "sincos"),
-    "rar-rend0.2": (0.5, 0.75, 0.2, "normal"),
-    "rar-early": (0.25, 0.5, 0.0, "normal"),
+    "rar-sincos": (0.5, 0.75, 0.0, "sincos", {}, False),
+    "rar-rend0.2": (0.5, 0.75, 0.2, "normal", {}, False),
+    "rar-early": (0.25, 0.5, 0.0, "normal", {}, False),
+    "rar-rope0.25": (0.5, 0.75, 0.0, "normal", {"rotary_percentage": 0.25}, False),  # 3/4 of each head unrotated
+    "rar-192": (0.5, 0.75, 0.0, "normal", {"n_embd": 192, "intermediate_size": 768}, False),  # 2.2x parameters
+    "rar-shift": (0.5, 0.75, 0.0, "normal", {}, True),  # training images plus their four 1-pixel shifts
+    "raster-192": (0.0, 0.0, 0.0, "normal", {"n_embd": 192, "intermediate_size": 768}, False),
+    "raster-shift": (0.0, 0.0, 0.0, "normal", {}, True),
 }
 SHOWN = ["nll_raster_bits", "nll_random_bits", "fd_features", "fd_pixels", "consistency", "copies",
          "nn_distance"]
 
 
+def shifted(data_dir: Path, out_dir: Path) -> Path:
+    """A copy of the digits folder whose train split adds each image moved by one pixel up, down, left
+    and right (background fills the gap); the held-out split is unchanged."""
+    meta = read_meta(data_dir)
+    train, val = Shards(data_dir, "train"), Shards(data_dir, "val")
+    codes = np.stack([train[i][0] for i in range(len(train))])
+    shifts = [codes]
+    for axis, step in ((1, 1), (1, -1), (2, 1), (2, -1)):
+        moved = np.roll(codes, step, axis=axis)
+        edge = [slice(None)] * 3
+        edge[axis] = 0 if step == 1 else -1
+        moved[tuple(edge)] = 0
+        shifts.append(moved)
+    with ShardWriter(out_dir, meta["codebook_size"], meta["height"], meta["width"], meta["num_classes"],
+                     class_names=meta.get("class_names"), info=meta["info"]) as w:
+        w.add("train", np.concatenate(shifts), np.tile(train.labels, len(shifts)))
+        w.add("val", np.stack([val[i][0] for i in range(len(val))]), val.labels)
+    return out_dir
+
+
 def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, lr: float, eval_every: int,
-          layout: VocabLayout) -> tuple[GPT, int, float]:
-    """Train one variant; returns the model at its best held-out raster NLL, that step, and the NLL."""
-    start, end, r_end, pos_init = VARIANTS[variant]
-    data = RARData(data_dir=data_dir, total_samples=steps * batch_size, anneal_start=start, anneal_end=end,
+          layout: VocabLayout) -> tuple[GPT, int, list[tuple[int, float]]]:
+    """Train one variant; returns the model at its best held-out raster NLL, that step, and the NLL curve."""
+    start, end, r_end, pos_init, overrides, shift = VARIANTS[variant]
+    train_dir = data_dir.parent / "digits-shifted" if shift else data_dir
+    data = RARData(data_dir=train_dir, total_samples=steps * batch_size, anneal_start=start, anneal_end=end,
                    r_end=r_end, seed=seed, num_workers=0)
     data.connect(batch_size=batch_size)
     data.setup()
     torch.manual_seed(seed)
-    model = GPT(model_config("rar-tiny", layout))
+    model = GPT(model_config("rar-tiny", layout, **overrides))
     init_weights(model, layout=layout, pos_init=pos_init)
     model.max_seq_length = layout.seq_len
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.96), weight_decay=0.03)
@@ -66,6 +95,7 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     loader = data.train_dataloader()
     best = (float("inf"), 0, None)
+    curve = []
     step = 0
     while step < steps:
         for batch in loader:
@@ -79,12 +109,14 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
             step += 1
             if step % eval_every == 0 or step == steps:
                 nll = heldout_nll(model, data_dir, layout, order="raster")
+                curve.append((step, nll))
+                print(f"  {variant} seed {seed} step {step}: held-out raster NLL {nll:.3f} bits", flush=True)
                 if nll < best[0]:
                     best = (nll, step, copy.deepcopy(model.state_dict()))
             if step == steps:
                 break
     model.load_state_dict(best[2])
-    return model, best[1], best[0]
+    return model, best[1], curve
 
 
 def score(model: GPT, data_dir: Path, layout: VocabLayout, per_class: int, guidance: float, seed: int,
@@ -132,12 +164,14 @@ def main(seeds: int = 3, first_seed: int = 0, steps: int = 400, batch_size: int 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = digits(Path(tmp) / "digits", seed=0)  # one split for all seeds
+        if any(VARIANTS[v][5] for v in variants):
+            shifted(data_dir, Path(tmp) / "digits-shifted")
         for seed in range(first_seed, first_seed + seeds):
             for variant in variants:
                 t0 = time.perf_counter()
-                model, best_step, _ = train(data_dir, variant, seed, steps, batch_size, lr, eval_every, layout)
+                model, best_step, curve = train(data_dir, variant, seed, steps, batch_size, lr, eval_every, layout)
                 m = score(model, data_dir, layout, per_class, guidance, seed)
-                m["best_step"] = best_step
+                m["best_step"], m["curve"] = best_step, curve
                 rows.setdefault(variant, []).append(m)
                 print(f"seed {seed} {variant:7s} best step {best_step:4d} "
                       + " ".join(f"{k} {m[k]:.3f}" for k in SHOWN) + f"  ({time.perf_counter() - t0:.0f} s)",

@@ -10,7 +10,7 @@ figures beside the distances. The RAR model is also decoded in parallel at fewer
     python bench/ablation_digits.py --merge '[s0.json, s1.json, s2.json]'
     python bench/ablation_digits.py --seeds 1 --steps 100 # a quick look
     python bench/ablation_digits.py --variants '[rar-sincos, rar-rend0.2, rar-early]'   # the levers
-    python bench/ablation_digits.py --variants '[rar-rope0.25, rar-192, rar-shift, raster-192, raster-shift]'
+    python bench/ablation_digits.py --variants '[rar-rope0.25, rar-shift, rar-192, raster-192]'
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ VARIANTS = {
     "rar-192": (0.5, 0.75, 0.0, "normal", {"n_embd": 192, "intermediate_size": 768}, False),  # 2.2x parameters
     "rar-shift": (0.5, 0.75, 0.0, "normal", {}, True),  # training images plus their four 1-pixel shifts
     "raster-192": (0.0, 0.0, 0.0, "normal", {"n_embd": 192, "intermediate_size": 768}, False),
-    "raster-shift": (0.0, 0.0, 0.0, "normal", {}, True),
 }
 SHOWN = ["nll_raster_bits", "nll_random_bits", "fd_features", "fd_pixels", "consistency", "copies",
          "nn_distance"]

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 LAYOUT_KEY = "rar_layout"  # the layout rides in tokenizer_config.json, which litgpt copies into every checkpoint
-ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+# named layouts: adapters/ at the repository root in a checkout, rar_llm/adapters inside an installed wheel
+_HERE = Path(__file__).resolve().parent
+ADAPTERS_DIR = _HERE / "adapters" if (_HERE / "adapters").is_dir() else _HERE.parent / "adapters"
 _NAME = re.compile(r"<(img|class|pos|unused)_(\d+)>")
 
 

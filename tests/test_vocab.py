@@ -77,3 +77,28 @@ def test_checkpoint_without_layout_fails_clearly(tmp_path):
         VocabLayout.from_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="rar-llm init"):
         VocabLayout.from_checkpoint(tmp_path / "missing")
+
+
+def test_installed_wheel_carries_the_named_layouts(tmp_path):
+    """A plain (non-editable) install has no repository around it: the wheel must bring adapters/ along."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"  # build from a copy so no build/ folder is left in the checkout
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                             "tests", "bench", "data", "out", "checkpoints", ".venv"))
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "w").glob("rar_llm-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("from rar_llm.vocab import ADAPTERS_DIR, VocabLayout; import rar_llm; "
+             "assert ADAPTERS_DIR.parent == __import__('pathlib').Path(rar_llm.__file__).parent, ADAPTERS_DIR; "
+             "print(VocabLayout.load('maskgit_imagenet').vocab_size, (ADAPTERS_DIR / 'text' / 'pydoc_bpe1024.json').is_file())")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2283", "True"]

@@ -1,4 +1,10 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 from litgpt.tokenizer import Tokenizer
@@ -81,12 +87,6 @@ def test_checkpoint_without_layout_fails_clearly(tmp_path):
 
 def test_installed_wheel_carries_the_named_layouts(tmp_path):
     """A plain (non-editable) install has no repository around it: the wheel must bring adapters/ along."""
-    import shutil
-    import subprocess
-    import sys
-    import zipfile
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     src = tmp_path / "src"  # build from a copy so no build/ folder is left in the checkout
     shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
@@ -96,9 +96,9 @@ def test_installed_wheel_carries_the_named_layouts(tmp_path):
     (wheel,) = (tmp_path / "w").glob("rar_llm-*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     probe = ("from rar_llm.vocab import ADAPTERS_DIR, VocabLayout; import rar_llm; "
-             "assert ADAPTERS_DIR.parent == __import__('pathlib').Path(rar_llm.__file__).parent, ADAPTERS_DIR; "
+             "assert ADAPTERS_DIR.parent.samefile(rar_llm.__path__[0]), ADAPTERS_DIR; "
              "print(VocabLayout.load('maskgit_imagenet').vocab_size, (ADAPTERS_DIR / 'text' / 'pydoc_bpe1024.json').is_file())")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2283", "True"]

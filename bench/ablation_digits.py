@@ -31,7 +31,7 @@ from litgpt.utils import chunked_cross_entropy
 
 from rar_llm.data import RARData
 from rar_llm.evaluate import evaluate, heldout_nll
-from rar_llm.generate import generate
+from rar_llm.sampling import generate
 from rar_llm.init import init_weights, model_config
 from rar_llm.prepare import digits
 from rar_llm.shards import Shards, ShardWriter, read_meta

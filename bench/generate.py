@@ -3,7 +3,7 @@
 Compares, in one process and on the same model:
   cached         rar_llm.generate as shipped: litgpt's KV cache, two tokens per step, batch 4 (+4 null),
                  weights and cache in ``--dtype`` (bfloat16: the CPU's avx512_bf16 matmuls), linear
-                 weights prepacked for oneDNN (``rar_llm.generate.prepacked``)
+                 weights prepacked for oneDNN (``rar_llm.prepack.prepacked``)
   unpacked       cached without prepacking (ATen's default matmul)
   plain float32  the plain two-tokens-per-step litgpt loop: float32, no prepacking (the reference's loop)
   float32        cached with float32 weights (prepacked)
@@ -35,7 +35,7 @@ def bench(
     steps: int = 256,
     batch: int = 4,
     threads: int = 2,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     model: str = "rar-b",
     repeats: int = 1,
     skip: list[str] | None = None,
@@ -46,7 +46,8 @@ def bench(
         steps: codes per image, one per step (a multiple of 16: the grid is 16 x steps/16; 256 is RAR's).
         batch: images per call (guidance doubles the rows).
         threads: torch and OpenMP threads.
-        dtype: weights and KV-cache dtype of the cached, unpacked, one-by-one and full variants.
+        dtype: weights and KV-cache dtype of the cached, unpacked, one-by-one and full variants
+            (``auto``: the package's default, ``rar_llm.checkpoint.default_dtype``).
         model: a registered config (rar-b, rar-l, ...); its RAR guidance preset is used.
         repeats: runs of the cached variant; its median is the figure the others are compared with.
         skip: variants to leave out: unpacked, plain, float32, one-by-one, full.
@@ -55,11 +56,15 @@ def bench(
     import torch
     from litgpt.model import GPT
 
-    from rar_llm.generate import RAR_PRESETS, generate
+    from rar_llm.checkpoint import default_dtype
+    from rar_llm.decoding import RAR_PRESETS
     from rar_llm.init import init_weights, model_config
+    from rar_llm.sampling import generate
     from rar_llm.vocab import VocabLayout
 
     torch.set_num_threads(threads)
+    if dtype == "auto":
+        dtype = str(default_dtype("cpu")).removeprefix("torch.")
     if steps % 16 or steps < 16:
         raise ValueError(f"--steps {steps} must be a positive multiple of 16 (the grid is 16 x steps/16)")
     skip = set(skip or [])

@@ -1,33 +1,60 @@
-"""The ``rar-llm`` command: one subcommand per tool, each a typed function (jsonargparse)."""
+"""The ``rar-llm`` command: one subcommand per tool, each a typed function (jsonargparse).
 
-from jsonargparse import CLI
+A user's mistake (a missing file, a bad value, an output that already exists) prints one line,
+``rar-llm <command>: error: <message>``, and exits 2. Set ``RAR_LLM_DEBUG=1`` (or pass ``--debug``
+first) for the full traceback of a bug report.
+"""
 
-from rar_llm.demo import demo
-from rar_llm.evaluate import evaluate_cli
-from rar_llm.export import export, import_hf
-from rar_llm.init import init
-from rar_llm.prepare import digits, import_jsonl, tokenize
-from rar_llm.sample import sample
-from rar_llm.text import pydoc_topics, train_bpe
+from __future__ import annotations
+
+import os
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ImportError)
 
 
-def main() -> None:
-    CLI(
-        {
-            "demo": demo,
-            "init": init,
-            "digits": digits,
-            "sample": sample,
-            "tokenize": tokenize,
-            "import-jsonl": import_jsonl,
-            "evaluate": evaluate_cli,
-            "export": export,
-            "import-hf": import_hf,
-            "pydoc-topics": pydoc_topics,
-            "train-bpe": train_bpe,
-        },
-        as_positional=False,
-    )
+def commands() -> dict:
+    """Subcommand name -> function (imported here, so ``rar-llm --help`` lists them all)."""
+    from rar_llm.corpora import pydoc_topics, train_bpe
+    from rar_llm.demo import demo
+    from rar_llm.evaluate import evaluate_cli
+    from rar_llm.export import export, import_hf
+    from rar_llm.init import init
+    from rar_llm.prepare import digits, import_jsonl, tokenize
+    from rar_llm.sample import sample
+
+    return {
+        "demo": demo,
+        "init": init,
+        "digits": digits,
+        "sample": sample,
+        "tokenize": tokenize,
+        "import-jsonl": import_jsonl,
+        "evaluate": evaluate_cli,
+        "export": export,
+        "import-hf": import_hf,
+        "pydoc-topics": pydoc_topics,
+        "train-bpe": train_bpe,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("RAR_LLM_DEBUG", "") not in ("", "0")
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        CLI(commands(), as_positional=False, args=argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"rar-llm {command}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from litgpt.prompts import Default, PromptStyle
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from rar_llm import configs  # noqa: F401  (registers the rar-* names with litgpt)
 from rar_llm.permute import Permutation, interleave
-from rar_llm.shards import META, Shards
+from rar_llm.shards import META, Shards, read_meta
 from rar_llm.vocab import VocabLayout
 
 
@@ -122,8 +123,8 @@ class RARDataset(Dataset):
 
 
 @dataclass
-class RARData(DataModule):
-    """Class-conditional RAR training data for ``litgpt finetune_full`` / ``finetune``.
+class ClockedData(DataModule):
+    """What RAR's data modules share: the data folder, the run's length, RAR's schedule, the loaders' knobs.
 
     Args:
         data_dir: a folder of shards (``meta.json`` + ``.npy``), see ``rar_llm.shards``.
@@ -153,8 +154,8 @@ class RARData(DataModule):
     tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
     batch_size: int = field(default=1, init=False, repr=False)
     max_seq_length: int = field(default=-1, init=False, repr=False)
-    train_dataset: RARDataset | None = field(default=None, init=False, repr=False)
-    test_dataset: RARDataset | None = field(default=None, init=False, repr=False)
+    train_dataset: Dataset | None = field(default=None, init=False, repr=False)
+    test_dataset: Dataset | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -174,10 +175,29 @@ class RARData(DataModule):
         self.batch_size = batch_size
         self.max_seq_length = -1 if max_seq_length is None else max_seq_length
 
+    def run_length(self, epoch_samples: int) -> int:
+        """Samples of the whole run, the annealing clock's 100 % mark (``total_samples`` or ``epochs``)."""
+        name = type(self).__name__
+        if self.total_samples is None and self.epochs is None:
+            raise ValueError(
+                f"{name} needs the run's length for its annealing clock: set data.init_args.total_samples "
+                "(train.max_steps * train.global_batch_size) or data.init_args.epochs (train.epochs)"
+            )
+        total = self.total_samples if self.total_samples is not None else math.ceil(self.epochs * epoch_samples)
+        if total < 1:
+            raise ValueError(f"{name}: the run's length must be positive, got {total} samples")
+        return total
+
+
+@dataclass
+class RARData(ClockedData):
+    """Class-conditional RAR training data for ``litgpt finetune_full`` / ``finetune``.
+
+    The arguments are ``ClockedData``'s: the data folder, the run's length and RAR's schedule.
+    """
+
     def layout(self) -> VocabLayout:
         """The layout of the data, placed where the checkpoint's tokenizer puts image ids."""
-        from rar_llm.shards import read_meta
-
         meta = read_meta(self.data_dir)
         base = VocabLayout(meta["codebook_size"], meta["height"], meta["width"], meta["num_classes"])
         if self.tokenizer is None:
@@ -195,14 +215,7 @@ class RARData(DataModule):
             )
         train = Shards(self.data_dir, self.train_split)
         val = Shards(self.data_dir, self.val_split)
-        if self.total_samples is None and self.epochs is None:
-            raise ValueError(
-                "RARData needs the run's length for its annealing clock: set data.init_args.total_samples "
-                "(train.max_steps * train.global_batch_size) or data.init_args.epochs (train.epochs)"
-            )
-        total = self.total_samples if self.total_samples is not None else math.ceil(self.epochs * len(train))
-        if total < 1:
-            raise ValueError(f"RARData: the run's length must be positive, got {total} samples")
+        total = self.run_length(len(train))
         self.train_dataset = RARDataset(train, layout, self.permutation, total)
         self.test_dataset = RARDataset(val, layout, self.permutation, total)
 

@@ -8,7 +8,6 @@ Everything lands in one output folder, which is never overwritten unless asked.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -18,12 +17,15 @@ import numpy as np
 import torch
 import yaml
 
+from rar_llm.checkpoint import load_model
+from rar_llm.draw import image_grid, to_pixels
 from rar_llm.evaluate import evaluate, format_metrics
-from rar_llm.generate import generate, to_pixels
 from rar_llm.init import init
+from rar_llm.outputs import claim_outputs
 from rar_llm.prepare import digits
-from rar_llm.sample import image_grid, load_model
-from rar_llm.vocab import VocabLayout
+from rar_llm.sampling import generate
+
+OUTPUTS = ("data", "init", "train", "recipe.yaml", "samples.png", "codes.npy", "labels.npy", "metrics.json")
 
 
 def recipe(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
@@ -85,14 +87,10 @@ def demo(
         samples_per_class: generated images per digit class (the grid has one row per class).
         guidance, temperature: sampling settings (constant classifier-free guidance).
         seed: seeds the split, the init, training and sampling.
-        overwrite: delete an earlier demo folder at ``out_dir`` first.
+        overwrite: replace what an earlier demo wrote in ``out_dir`` (other files there stay).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} holds an earlier run; pass --out_dir elsewhere or --overwrite true")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_outputs(out_dir, OUTPUTS, overwrite)
     t0 = time.perf_counter()
 
     print("== 1/4 data: scikit-learn digits -> shards", flush=True)
@@ -109,11 +107,10 @@ def demo(
 
     print("== 4/4 sampling and evaluation", flush=True)
     checkpoint = out_dir / "train" / "final"
-    layout = VocabLayout.from_checkpoint(checkpoint)
     gpt = load_model(checkpoint)
+    layout = gpt.layout
     classes = torch.arange(layout.num_classes).repeat_interleave(samples_per_class)
-    codes = generate(gpt, classes, layout=layout, guidance=guidance, temperature=temperature, seed=seed,
-                     progress=True)
+    codes = generate(gpt, classes, guidance=guidance, temperature=temperature, seed=seed, progress=True)
     np.save(out_dir / "codes.npy", codes.numpy())
     np.save(out_dir / "labels.npy", classes.numpy())
     image_grid(to_pixels(codes, layout), rows=layout.num_classes).save(out_dir / "samples.png")

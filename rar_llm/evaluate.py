@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from litgpt.model import GPT
 from torch import nn
 
-from rar_llm.generate import CodeDecoder, check_drawable, to_pixels
+from rar_llm.draw import CodeDecoder, check_drawable, to_pixels
 from rar_llm.permute import IGNORE_INDEX, interleave
 from rar_llm.shards import Shards, read_meta
 from rar_llm.vocab import VocabLayout
@@ -248,13 +248,26 @@ def heldout_nll(
 def _layout(data_dir: Path, layout: VocabLayout | None) -> VocabLayout:
     """The data's layout, or the given one after checking it describes the data."""
     meta = read_meta(data_dir)
-    keys = ("codebook_size", "height", "width", "num_classes")
     if layout is None:
-        return VocabLayout(**{k: meta[k] for k in keys})
-    diff = [f"{k} {getattr(layout, k)} vs {meta[k]}" for k in keys if getattr(layout, k) != meta[k]]
-    if diff:
-        raise ValueError(f"the layout does not describe the data in {data_dir} ({', '.join(diff)} in meta.json)")
+        return VocabLayout(**{k: meta[k] for k in ("codebook_size", "height", "width", "num_classes")})
+    layout.check_meta(meta, where=f"{Path(data_dir) / 'meta.json'}")
     return layout
+
+
+def finite_json(metrics: dict) -> str:
+    """``metrics`` as strict JSON: a non-finite figure (NaN, inf) becomes null, with a warning naming it."""
+
+    def clean(x, key: str):
+        if isinstance(x, dict):
+            return {k: clean(v, f"{key}.{k}" if key else k) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, key) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            print(f"warning: metric {key} is {x} (too few samples, or a degenerate model); written as null")
+            return None
+        return x
+
+    return json.dumps(clean(metrics, ""), indent=2, allow_nan=False) + "\n"
 
 
 def _all_codes(shards: Shards) -> np.ndarray:
@@ -311,13 +324,13 @@ def evaluate(
         sample_classes: ``(N,)`` the class each sample was conditioned on.
         data_dir: the data folder the model was trained on (its train split trains the MLP).
         model: a litgpt GPT for the held-out NLL (None: skipped).
-        layout: the model's vocabulary layout (None: the data's, image-only).
+        layout: the model's vocabulary layout (None: the model's own, else the data's, image-only).
         seed: the MLP's training, the floor's training subset and the random NLL order.
         tokenizer: decodes codes to pixels (None: the digits' 17 greys, see ``to_pixels``). The whole
             train split is decoded, so this is for small data; use :func:`inception_metrics` at 256x256.
     """
     data_dir = Path(data_dir)
-    layout = _layout(data_dir, layout)
+    layout = _layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
     check_drawable(layout, tokenizer)
     codes = np.asarray(samples_codes).astype(np.int64)
     classes = np.asarray(sample_classes).astype(np.int64).reshape(-1)
@@ -527,10 +540,10 @@ def evaluate_cli(
         tokenizer = load_tokenizer(tokenizer)
     model, layout = None, None
     if checkpoint_dir is not None:
-        from rar_llm.sample import load_model
+        from rar_llm.checkpoint import load_model
 
-        layout = VocabLayout.from_checkpoint(checkpoint_dir)
-        model = load_model(checkpoint_dir, device)
+        model = load_model(checkpoint_dir, device, torch.float32)  # likelihoods in float32
+        layout = model.layout
 
     if inception_weights is None:
         metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer)
@@ -548,7 +561,7 @@ def evaluate_cli(
             metrics["nll_random_bits"] = heldout_nll(model, data_dir, layout, "random", seed)
         metrics |= inception_metrics(images, load_images(reference), inception_weights, batch_size, device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    out.write_text(finite_json(metrics))
     print(format_metrics(metrics))
     print(f"Wrote {out}")
     return metrics

@@ -11,7 +11,6 @@ so rar_llm can check ids when it reads them back.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +21,9 @@ from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, co
 from litgpt.utils import save_config
 from safetensors.torch import load_file, save_file
 
+from rar_llm.checkpoint import check_weights, load_checkpoint
+from rar_llm.outputs import claim_outputs
+from rar_llm.textbase import checkpoint_tokenizer, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 GGUF_LAYOUT_KEY = "rar.layout"
@@ -67,25 +69,6 @@ def check_llama(config: Config) -> None:
             f"model config {config.name!r} is not a plain Llama ({bad}; export needs {want}); "
             "export supports the rar_llm configs (rar-b ... rar-xxl, rar-tiny) and other Llama-style litgpt configs"
         )
-
-
-def load_checkpoint(checkpoint_dir: Path, layout: str | None = None) -> tuple[Config, VocabLayout, dict]:
-    """Config, layout and litgpt state dict (memory-mapped) of a checkpoint folder."""
-    checkpoint_dir = Path(checkpoint_dir)
-    for name in ("model_config.yaml", "lit_model.pth"):
-        if not (checkpoint_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{checkpoint_dir / name} not found: {checkpoint_dir} is not a litgpt checkpoint folder "
-                "(it needs lit_model.pth and model_config.yaml, as `rar-llm init` and litgpt training write them)"
-            )
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    check_llama(config)
-    vocab = VocabLayout.load(layout) if layout is not None else VocabLayout.from_checkpoint(checkpoint_dir)
-    vocab.check_model(config, where=str(checkpoint_dir))
-    weights = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
-    weights = weights.get("model", weights)  # litgpt training saves {"model": state_dict}
-    check_conversion_supported(weights)
-    return config, vocab, weights
 
 
 def lit_to_hf(config: Config, lit_weights: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -153,17 +136,22 @@ def generation_config(vocab: VocabLayout) -> dict:
     }
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
-    """An empty ``out_dir``; overwriting deletes it first, so stale weight files cannot be loaded."""
-    if out_dir.resolve() in (source.resolve(), *source.resolve().parents):
-        raise ValueError(f"--out_dir {out_dir} would contain the input {source}; write the export to another folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} is a file; give a folder as --out_dir")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out_dir or pass --overwrite true")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+GGUF_FILES = ("model.gguf",)
+LIT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".gguf")
+
+
+def prepare_out_dir(out_dir: Path, owned: tuple[str, ...], overwrite: bool, source: Path) -> None:
+    """``out_dir`` ready for ``owned``; other weight files there would be loaded beside ours, so they are refused."""
+    if out_dir.is_dir():
+        stray = sorted(p.name for p in out_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.name not in owned)
+        if stray:
+            raise FileExistsError(
+                f"{out_dir} holds other weight files {stray[:3]} that a loader would read beside the export; "
+                "write to an empty folder"
+            )
+    claim_outputs(out_dir, owned, overwrite, source)
 
 
 def export_hf(config: Config, vocab: VocabLayout, lit_weights: dict, out_dir: Path, dtype: torch.dtype | None) -> None:
@@ -172,7 +160,7 @@ def export_hf(config: Config, vocab: VocabLayout, lit_weights: dict, out_dir: Pa
     cfg = hf_config(config, vocab, next(iter(hf.values())).dtype)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(vocab), indent=2) + "\n")
-    vocab.write_tokenizer(out_dir)  # its tokenizer_config.json carries the layout
+    write_tokenizer(vocab, out_dir)  # its tokenizer_config.json carries the layout
 
 
 def rope_to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -189,7 +177,7 @@ def gguf_vocab(vocab: VocabLayout) -> tuple[list[str], list[int]]:
     """Token names and GGUF token types: every id is a named token, so llama.cpp can print any id."""
     import gguf
 
-    tok = vocab.hf_tokenizer()
+    tok = checkpoint_tokenizer(vocab)
     names = [tok.id_to_token(i) for i in range(vocab.padded_vocab_size)]
     types = []
     for i in range(vocab.padded_vocab_size):
@@ -274,7 +262,7 @@ def export(
         dtype: weight dtype of the export; default: the checkpoint's.
         layout: vocabulary layout (JSON file or name in ``adapters/``) for a checkpoint whose
             ``tokenizer_config.json`` has no ``rar_layout``; default: the checkpoint's own.
-        overwrite: replace a non-empty ``out_dir`` (its old contents are deleted).
+        overwrite: replace the files an earlier run of this command wrote there (other files stay).
 
     Returns the HF folder or the GGUF file.
     """
@@ -284,7 +272,9 @@ def export(
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config, vocab, lit_weights = load_checkpoint(checkpoint_dir, layout)
-    prepare_out_dir(out_dir, overwrite, checkpoint_dir)
+    check_llama(config)
+    check_conversion_supported(lit_weights)
+    prepare_out_dir(out_dir, HF_FILES if format == "hf" else GGUF_FILES, overwrite, checkpoint_dir)
     torch_dtype = DTYPES[dtype] if dtype else None
     if format == "hf":
         export_hf(config, vocab, lit_weights, out_dir, torch_dtype)
@@ -326,7 +316,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     Args:
         hf_dir: a folder written by ``export`` (or any Llama folder whose tokenizer_config.json has rar_layout).
         out_dir: the checkpoint folder to create.
-        overwrite: replace a non-empty ``out_dir`` (its old contents are deleted).
+        overwrite: replace the files an earlier run of this command wrote there (other files stay).
     """
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -334,15 +324,38 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {hf_dir}; re-export with `rar-llm export`")
+    index = hf_dir / "model.safetensors.index.json"
+    if len(files) > 1 and not index.is_file():
+        raise ValueError(
+            f"{hf_dir} holds {len(files)} .safetensors files ({', '.join(f.name for f in files[:3])}) and no "
+            "model.safetensors.index.json saying which to read; remove the stray ones"
+        )
     vocab = VocabLayout.from_checkpoint(hf_dir)
-    config = hf_to_lit_config(json.loads((hf_dir / "config.json").read_text()), vocab, hf_dir.name)
+    try:
+        hf_cfg = json.loads((hf_dir / "config.json").read_text())
+        config = hf_to_lit_config(hf_cfg, vocab, hf_dir.name)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{hf_dir / 'config.json'}: not a Llama config.json ({type(e).__name__}: {e})") from None
     vocab.check_model(config, where=str(hf_dir))
-    hf_weights = {k: v for f in files for k, v in load_file(f).items()}
-    lit = hf_to_lit(config, hf_weights)
+    hf_weights = {}
+    for f in files:
+        try:
+            part = load_file(f)
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(f"{f}: not a readable safetensors file ({e}); re-export the folder") from None
+        dup = hf_weights.keys() & part.keys()
+        if dup:
+            raise ValueError(f"{f}: tensor {sorted(dup)[0]} is also in another file of {hf_dir}; remove the stray file")
+        hf_weights.update(part)
+    try:
+        lit = hf_to_lit(config, hf_weights)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{hf_dir}: the tensors do not fit config.json ({type(e).__name__}: {e})") from None
+    check_weights(config, lit, str(hf_dir))
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, overwrite, hf_dir)
+    prepare_out_dir(out_dir, LIT_FILES, overwrite, hf_dir)
     torch.save(lit, out_dir / "lit_model.pth")
     save_config(config, out_dir)
-    vocab.write_tokenizer(out_dir)
+    write_tokenizer(vocab, out_dir)
     print(f"Imported {hf_dir} as litgpt checkpoint {config.name} in {out_dir}")
     return out_dir

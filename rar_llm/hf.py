@@ -2,7 +2,7 @@
 
 Two logits processors turn a plain causal-LM ``generate`` into RAR sampling: ``RARPositions`` forces
 the position token of each step of the chosen order and keeps code steps on image codes;
-``RARGuidance`` applies classifier-free guidance with ``rar_llm.generate``'s schedules.
+``RARGuidance`` applies classifier-free guidance with ``rar_llm.decoding``'s schedules.
 
 transformers' own guidance (``generate(guidance_scale=...)``, i.e.
 ``UnbatchedClassifierFreeGuidanceLogitsProcessor``) runs the unconditional branch as a second forward
@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-from rar_llm.generate import _orders, guidance_scale
+from rar_llm.decoding import cell_orders, check_sampling, class_ids, guidance_scale
 from rar_llm.vocab import VocabLayout
 
 
@@ -84,7 +84,7 @@ class RARGuidance(UnbatchedClassifierFreeGuidanceLogitsProcessor):
 def hf_generate(
     model,
     layout: VocabLayout,
-    class_ids: int | Sequence[int] | torch.Tensor,
+    class_id: int | Sequence[int] | torch.Tensor,
     guidance: float = 1.0,
     schedule: str = "constant",
     power: float = 0.0,
@@ -96,23 +96,24 @@ def hf_generate(
 ) -> torch.Tensor:
     """Sample ``(B, H, W)`` code grids with ``model.generate`` of a transformers causal LM.
 
-    Same settings and same greedy result as ``rar_llm.generate.generate`` (one cell per step; use
+    Same settings and same greedy result as ``rar_llm.generate`` (one cell per step; use
     ``torch.manual_seed`` for reproducible samples: transformers draws from the global generator).
 
     Args:
         model: ``AutoModelForCausalLM.from_pretrained(folder)`` of a ``rar-llm export`` folder.
         layout: ``VocabLayout.from_checkpoint(folder)``.
-        class_ids: one class id or many (one image each).
+        class_id: one class id or many (one image each).
         guidance: classifier-free guidance scale w (1: none; otherwise a second forward per step).
-        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.generate.guidance_scale``).
-        order: ``raster``, ``random``, a named scan (``rar_llm.generate.scan_order``) or a permutation
+        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.decoding.guidance_scale``).
+        order: ``raster``, ``random``, a named scan (``rar_llm.decoding.scan_order``) or a permutation
             of the cells, ``(H*W,)`` or ``(B, H*W)``.
         temperature: 0 is greedy; top_k, top_p: filters of the guided code logits.
         generate_kwargs: passed on to ``model.generate`` (e.g. ``use_cache``).
     """
-    prompt = layout.class_tokens(class_ids).to(model.device)[:, None]
+    check_sampling(guidance, schedule, temperature, top_k, top_p, power)
+    prompt = layout.class_tokens(class_ids(class_id)).to(model.device)[:, None]
     batch = prompt.shape[0]
-    cells = _orders(order, batch, layout, None)
+    cells = cell_orders(order, batch, layout, None)
     processors = LogitsProcessorList()
     if guidance != 1.0:
         processors.append(RARGuidance(model, layout, batch, prompt.shape[1], guidance, schedule, power))

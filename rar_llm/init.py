@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.utils import save_config
 
+from rar_llm import configs  # noqa: F401  (registers the rar-* names)
+from rar_llm.textbase import write_tokenizer
 from rar_llm.vocab import VocabLayout
+
+PosInit = Literal["normal", "sincos"]
 
 
 def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
@@ -24,7 +29,7 @@ def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
     return emb / emb.pow(2).mean().sqrt()
 
 
-def init_weights(model: GPT, std: float = 0.02, layout: VocabLayout | None = None, pos_init: str = "normal") -> None:
+def init_weights(model: GPT, std: float = 0.02, layout: VocabLayout | None = None, pos_init: PosInit = "normal") -> None:
     """GPT-2/RAR-style init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * layers).
 
     ``pos_init="sincos"`` starts the position tokens' embeddings from 2D sine-cosine codes of their
@@ -67,7 +72,7 @@ def init(
     model: str = "rar-tiny",
     layout: str = "digits",
     seed: int = 0,
-    pos_init: str = "normal",
+    pos_init: PosInit = "normal",
     overwrite: bool = False,
 ) -> Path:
     """Write a randomly initialised litgpt checkpoint folder.
@@ -80,8 +85,6 @@ def init(
         pos_init: ``normal`` or ``sincos`` (position tokens start from 2D sine-cosine codes of their cells).
         overwrite: replace the checkpoint files of an existing folder (other files are left alone).
     """
-    import rar_llm.configs  # noqa: F401  (registers the names)
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out_dir or pass --overwrite true")
@@ -97,7 +100,7 @@ def init(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(gpt.state_dict(), out_dir / "lit_model.pth")
     save_config(config, out_dir)
-    vocab.write_tokenizer(out_dir)  # its tokenizer_config.json carries the layout
+    write_tokenizer(vocab, out_dir)  # its tokenizer_config.json carries the layout
     n = sum(p.numel() for p in gpt.parameters())
     print(f"Wrote {config.name} ({n / 1e6:.1f}M parameters, vocabulary {vocab.vocab_size} -> "
           f"{vocab.padded_vocab_size}) to {out_dir}")

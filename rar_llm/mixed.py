@@ -9,7 +9,7 @@ Sample forms (ids as in ``rar_llm.vocab``; ``pos, code`` pairs in RAR's annealed
 
 The class token does not stay in captioned samples: the caption is the condition, so a prompt
 generates from exactly ``[prompt, <boi>]`` and guidance's unconditional branch is ``[<boi>]``, the
-dropped form (``rar_llm.text.generate_from_prompt``). ``caption_share`` of the image samples are
+dropped form (``rar_llm.generate_from_prompt``). ``caption_share`` of the image samples are
 captioned and the rest keep RAR's class form, so class-id generation (``rar_llm.generate``) works
 on the same model; either condition is dropped with probability ``class_dropout``. Labels are the
 ids except the position tokens, which are given, never predicted; padding is -100 too.
@@ -27,16 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from litgpt.data import DataModule
 from litgpt.data.base import get_sft_collate_fn
-from litgpt.prompts import Default, PromptStyle
-from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from rar_llm.data import ClockSampler
+from rar_llm.data import ClockedData, ClockSampler
 from rar_llm.permute import IGNORE_INDEX, Permutation, interleave
 from rar_llm.shards import META, Shards, read_meta
-from rar_llm.text import TextBase, layout_base, read_documents
+from rar_llm.corpora import read_documents
+from rar_llm.textbase import TextBase, layout_base
 from rar_llm.vocab import VocabLayout
 
 Caption = tuple[str, np.ndarray]  # text and its base-tokenizer ids
@@ -167,14 +165,12 @@ class MixedDataset(Dataset):
 
 
 @dataclass
-class MixedData(DataModule):
+class MixedData(ClockedData):
     """Text documents and image shards in one litgpt ``finetune_full`` / ``finetune`` run.
 
     Args:
         layout: the vocabulary layout with a text base (JSON file or ``adapters/`` name), the one the
             checkpoint was made with (``rar-llm init --layout``).
-        data_dir: a folder of image shards (``rar_llm.shards``); its grid, codebook and classes must
-            be the layout's.
         text_files: plain-text (one document each) or ``.jsonl`` files (``text_key`` of each line).
         text_key: the JSON field holding a document's text.
         text_share: share of training samples that are text chunks (0: image-only, 1: text-only).
@@ -186,16 +182,13 @@ class MixedData(DataModule):
             None for no captions.
         caption_template: how a caption is written, ``{}`` being the class name or file caption.
         caption_share: share of captioned images trained with their caption; the rest use the class form.
-        total_samples, epochs: the run's length for the annealing clock, as in ``rar_llm.data.RARData``.
-        anneal_start, anneal_end, r_end: RAR's schedule of the random-order probability r.
-        class_dropout: share of image samples whose condition (class or caption) is dropped.
-        seed: fixes every sample's order, dropout and caption choice (with its draw) and the shuffle.
         num_workers: DataLoader workers.
-        train_split, val_split: image split names in ``meta.json``.
+
+    The data folder, the run's length (for the annealing clock) and RAR's schedule are ``ClockedData``'s;
+    ``class_dropout`` drops either condition (class or caption).
     """
 
     layout: str = "digits_pydoc"
-    data_dir: Path = Path("data/digits")
     text_files: list[Path] = field(default_factory=list)
     text_key: str = "text"
     text_share: float = 0.5
@@ -204,30 +197,11 @@ class MixedData(DataModule):
     captions: str | None = "class_names"
     caption_template: str = "{}"
     caption_share: float = 0.5
-    total_samples: int | None = None
-    epochs: float | None = None
-    anneal_start: float = 0.5
-    anneal_end: float = 0.75
-    r_end: float = 0.0
-    class_dropout: float = 0.1
-    seed: int = 42
     num_workers: int = 0
-    train_split: str = "train"
-    val_split: str = "val"
-    prompt_style: str | PromptStyle = "default"
-
-    tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
-    batch_size: int = field(default=1, init=False, repr=False)
-    max_seq_length: int = field(default=-1, init=False, repr=False)
-    train_dataset: MixedDataset | None = field(default=None, init=False, repr=False)
-    test_dataset: MixedDataset | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        super().__init__()
-        self.data_dir = Path(self.data_dir)
+        super().__post_init__()
         self.text_files = [Path(p) for p in self.text_files]
-        if isinstance(self.prompt_style, str):  # litgpt registers no name for its identity style
-            self.prompt_style = Default() if self.prompt_style == "default" else PromptStyle.from_name(self.prompt_style)
         for name in ("text_share", "caption_share", "val_text_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"MixedData.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -237,31 +211,11 @@ class MixedData(DataModule):
             )
         if "{}" not in self.caption_template:
             raise ValueError(f"caption_template {self.caption_template!r} needs a '{{}}' where the caption goes")
-        self.permutation = Permutation(
-            anneal_start=self.anneal_start,
-            anneal_end=self.anneal_end,
-            r_end=self.r_end,
-            class_dropout=self.class_dropout,
-            seed=self.seed,
-        )
-
-    def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_seq_length = -1 if max_seq_length is None else max_seq_length
 
     def vocab(self) -> tuple[VocabLayout, TextBase]:
         """The layout, checked against the image data and the checkpoint's tokenizer, and its text base."""
         layout = VocabLayout.load(self.layout)
-        meta = read_meta(self.data_dir)
-        diff = {k: (meta[k], getattr(layout, k)) for k in ("codebook_size", "height", "width", "num_classes")
-                if meta[k] != getattr(layout, k)}
-        if diff:
-            raise ValueError(
-                f"{self.data_dir / META} and layout {self.layout!r} disagree on "
-                + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in diff.items())
-                + "; use a layout made for this data"
-            )
+        layout.check_meta(read_meta(self.data_dir), where=f"{self.data_dir / META} and layout {self.layout!r}")
         base = layout_base(layout)
         if self.tokenizer is not None:
             layout.check_tokenizer(self.tokenizer, where=f"layout {self.layout!r}")
@@ -330,15 +284,7 @@ class MixedData(DataModule):
                 f"{len(stream)} text tokens make too few chunks of {length} for train and val; add text, lower "
                 "text_length, or change val_text_fraction"
             )
-        if self.total_samples is None and self.epochs is None:
-            raise ValueError(
-                "MixedData needs the run's length for its annealing clock: set data.init_args.total_samples "
-                "(train.max_steps * train.global_batch_size) or data.init_args.epochs (train.epochs)"
-            )
-        epoch = slots(len(train), math.ceil(len(text_train) / length), self.text_share)
-        total = self.total_samples if self.total_samples is not None else math.ceil(self.epochs * epoch)
-        if total < 1:
-            raise ValueError(f"MixedData: the run's length must be positive, got {total} samples")
+        total = self.run_length(slots(len(train), math.ceil(len(text_train) / length), self.text_share))
         common = {
             "layout": layout,
             "text_length": length,

@@ -2,58 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from litgpt.config import Config
-from litgpt.model import GPT
-from PIL import Image
 
-from rar_llm.generate import RAR_PRESETS, CodeDecoder, check_drawable, generate, to_pixels
+from rar_llm.checkpoint import load_model
+from rar_llm.decoding import RAR_PRESETS, OrderName, Preset, Schedule, class_ids
+from rar_llm.draw import CodeDecoder, check_drawable, image_grid, to_pixels
+from rar_llm.prepack import prepacked
+from rar_llm.sampling import generate
 from rar_llm.vocab import VocabLayout
 
 OUTPUTS = ("samples.png", "codes.npy", "labels.npy")
-
-
-def load_model(checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """The GPT of a checkpoint folder (``lit_model.pth``, ``model_config.yaml``), checked against its layout."""
-    import rar_llm.configs  # noqa: F401  (registers the rar-* names a config may refer to)
-
-    checkpoint_dir = Path(checkpoint_dir)
-    layout = VocabLayout.from_checkpoint(checkpoint_dir)
-    for name in ("lit_model.pth", "model_config.yaml"):
-        if not (checkpoint_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{checkpoint_dir / name} not found: a checkpoint folder holds lit_model.pth and model_config.yaml "
-                "(`rar-llm init` or a litgpt run's final/ folder)"
-            )
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    layout.check_model(config, where=str(checkpoint_dir))
-    state = torch.load(checkpoint_dir / "lit_model.pth", map_location=device, mmap=True, weights_only=True)
-    state = state.get("model", state)  # litgpt training runs save {"model": ...}
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    model.max_seq_length = layout.seq_len  # only the image sequence is needed
-    model.cos, model.sin = model.rope_cache(device=torch.device(device))  # not in the checkpoint
-    return model.eval()
-
-
-def image_grid(images: torch.Tensor, rows: int, min_size: int = 64, pad: int = 2) -> Image.Image:
-    """``(rows * cols, C, H, W)`` images in [0, 1] -> one PIL image, nearest-upscaled to >= ``min_size`` px."""
-    n, C, H, W = images.shape
-    cols = n // rows
-    scale = max(1, math.ceil(min_size / max(H, W)))
-    tiles = images.clamp(0, 1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    h, w = H * scale + pad, W * scale + pad
-    canvas = torch.ones(C, rows * h + pad, cols * w + pad)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        canvas[:, pad + r * h : pad + r * h + H * scale, pad + c * w : pad + c * w + W * scale] = tile
-    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[..., 0] if C == 1 else pixels)  # grey "L" or "RGB"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sample(
@@ -62,19 +25,19 @@ def sample(
     classes: list[int] | None = None,
     num_per_class: int = 4,
     guidance: float = 1.0,
-    schedule: str = "constant",
+    schedule: Schedule = "constant",
     power: float = 0.0,
-    preset: str | None = None,
+    preset: Preset | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float = 1.0,
     steps: int | None = None,
-    order: str | list[int] = "raster",
+    order: OrderName | list[int] = "raster",
     seed: int = 0,
     tokenizer: str | CodeDecoder | None = None,
     batch_size: int = 32,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     overwrite: bool = False,
 ) -> Path:
     """Sample images per class and write ``samples.png`` (one row per class), ``codes.npy`` and ``labels.npy``.
@@ -99,8 +62,8 @@ def sample(
             weights file, or an object with ``decode``). None draws the digits codebook as 17 grey
             levels (code k is k/16) and refuses other codebooks.
         batch_size: images generated together.
-        device: torch device to run on.
-        dtype: weights dtype (float32, bfloat16).
+        device: torch device to run on (default: CUDA when available, else the CPU).
+        dtype: weights dtype; ``auto``: bfloat16 where the device runs it natively, else float32.
         overwrite: replace existing outputs in ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -116,9 +79,6 @@ def sample(
         guidance, schedule, power, temperature = p["guidance"], p["schedule"], p["power"], p["temperature"]
     if num_per_class < 1 or batch_size < 1:
         raise ValueError(f"num_per_class={num_per_class} and batch_size={batch_size} must be >= 1")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a torch floating-point dtype; use float32 or bfloat16")
     if isinstance(tokenizer, str):
         from rar_llm.tokenizers import load_tokenizer
 
@@ -126,19 +86,18 @@ def sample(
 
     layout = VocabLayout.from_checkpoint(checkpoint_dir)
     check_drawable(layout, tokenizer)
-    classes = list(range(layout.num_classes)) if classes is None else list(classes)
-    labels = torch.tensor(classes).repeat_interleave(num_per_class)
+    classes = list(range(layout.num_classes)) if classes is None else class_ids(classes).tolist()
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(num_per_class)
     layout.class_tokens(labels)  # fail on a bad class before loading the weights
-    model = load_model(checkpoint_dir, device, torch_dtype)
-    gen = torch.Generator(device).manual_seed(seed)
-
-    codes = torch.cat([
-        generate(
-            model, chunk, layout=layout, guidance=guidance, schedule=schedule, power=power,
-            temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, order=order, seed=gen, progress=True,
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
+    model = load_model(checkpoint_dir, device, None if dtype == "auto" else DTYPES[dtype])
+    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    with prepacked(model):  # pack the CPU weights once for the whole run
+        codes = generate(
+            model, labels, guidance=guidance, schedule=schedule, power=power, temperature=temperature,
+            top_k=top_k, top_p=top_p, steps=steps, order=order, seed=gen, batch_size=batch_size, progress=True,
         )
-        for chunk in labels.split(batch_size)
-    ])
     images = torch.cat([to_pixels(c, layout, tokenizer) for c in codes.split(batch_size)])  # on the CPU
 
     out_dir.mkdir(parents=True, exist_ok=True)

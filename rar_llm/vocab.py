@@ -9,6 +9,7 @@ trained with and every later tool (data, generation, export) can check it before
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,7 +32,7 @@ class VocabLayout:
     height, width: the code grid; one position token per cell.
     num_classes: class-conditioning tokens; one more token is the null class used for guidance.
     text_vocab_size: ids ``[0, text_vocab_size)`` belong to a base text tokenizer (0: image only).
-    text_tokenizer: how to rebuild that base tokenizer (see ``rar_llm.text``); informational here.
+    text_tokenizer: how to rebuild that base tokenizer (see ``rar_llm.textbase``); informational here.
     pad_multiple: the model's embedding is padded to a multiple of this (fast matmuls on GPUs).
     class_names: optional human names of the classes (captions, grids, prompts).
     """
@@ -46,6 +47,10 @@ class VocabLayout:
     class_names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("codebook_size", "height", "width", "num_classes", "pad_multiple", "text_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"VocabLayout.{name} must be an integer, got {value!r}")
         for name in ("codebook_size", "height", "width", "num_classes", "pad_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"VocabLayout.{name} must be >= 1, got {getattr(self, name)}")
@@ -176,26 +181,42 @@ class VocabLayout:
         missing = {"codebook_size", "height", "width", "num_classes"} - set(d)
         if missing:
             raise ValueError(f"{source}: layout is missing {sorted(missing)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"{source}: malformed layout ({e})") from None
 
     @classmethod
     def load(cls, path_or_name: Path | str) -> VocabLayout:
-        """Load a layout from a JSON file, a checkpoint folder, or a name in ``adapters/``."""
-        path = Path(path_or_name)
-        if path.is_dir():
-            return cls.from_checkpoint(path)
-        if not path.is_file() and (ADAPTERS_DIR / f"{path_or_name}.json").is_file():
+        """Load a layout from a name in ``adapters/``, a JSON file, or a checkpoint folder.
+
+        A ``str`` without a path separator that does not end in ``.json`` is a name and only a name
+        (``"digits"``), so a folder of that name in the working directory never shadows it; anything
+        else (a ``Path``, ``"./digits"``, ``"ckpt/final"``, ``"mine.json"``) is a path.
+        """
+        names = sorted(p.stem for p in ADAPTERS_DIR.glob("*.json")) if ADAPTERS_DIR.is_dir() else []
+        if is_layout_name(path_or_name):
             path = ADAPTERS_DIR / f"{path_or_name}.json"
-        if not path.is_file():
-            names = sorted(p.stem for p in ADAPTERS_DIR.glob("*.json")) if ADAPTERS_DIR.is_dir() else []
-            raise FileNotFoundError(
-                f"no vocabulary layout at {str(path_or_name)!r}: give a layout JSON file, a checkpoint folder, "
-                f"or one of the named layouts {names}"
-            )
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no named layout {path_or_name!r}; the named layouts are {names} (a file or folder in the working "
+                    f"directory is given as a path: ./{path_or_name})"
+                )
+        else:
+            path = Path(path_or_name)
+            if path.is_dir():
+                return cls.from_checkpoint(path)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no vocabulary layout at {str(path_or_name)!r}: give a layout JSON file, a checkpoint folder, "
+                    f"or one of the named layouts {names}"
+                )
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); re-create it with VocabLayout.save") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); re-create it with VocabLayout.save") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a layout file holds a JSON object, not {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
     @classmethod
@@ -206,51 +227,21 @@ class VocabLayout:
             raise FileNotFoundError(
                 f"{path} not found: {checkpoint_dir} is not an rar_llm checkpoint folder; create one with `rar-llm init`"
             )
-        d = json.loads(path.read_text()).get(LAYOUT_KEY)
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); re-create the folder with `rar-llm init`") from None
+        d = config.get(LAYOUT_KEY) if isinstance(config, dict) else None
         if d is None:
             raise ValueError(
                 f"{path} has no {LAYOUT_KEY!r} entry, so the image vocabulary is unknown; pass the layout "
                 "explicitly (layout=...) or re-create the folder with `rar-llm init`"
             )
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: {LAYOUT_KEY!r} must be a JSON object, not {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
-    # ---- tokenizer files -------------------------------------------------------------------------
-    def hf_tokenizer(self):
-        """A Hugging Face ``tokenizers.Tokenizer`` naming every id of the padded vocabulary.
-
-        Image-only layouts get a word-level model whose every token is also an added token, so
-        ``"<class_3><pos_0>"`` encodes to two ids with no spaces needed. Layouts on a text vocabulary
-        are built by ``rar_llm.text``, which appends these names to the base tokenizer.
-        """
-        from tokenizers import AddedToken, Tokenizer
-        from tokenizers.models import WordLevel
-        from tokenizers.pre_tokenizers import WhitespaceSplit
-
-        if self.text_vocab_size:
-            from rar_llm.text import merged_hf_tokenizer
-
-            return merged_hf_tokenizer(self)
-        names = [self.token_name(i) for i in range(self.padded_vocab_size)]
-        tok = Tokenizer(WordLevel({n: i for i, n in enumerate(names)}, unk_token=names[-1]))
-        tok.pre_tokenizer = WhitespaceSplit()
-        tok.add_tokens([AddedToken(n, normalized=False, special=False) for n in names])
-        return tok
-
-    def write_tokenizer(self, out_dir: Path | str) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` as litgpt and transformers read them."""
-        out_dir = Path(out_dir)
-        self.hf_tokenizer().save(str(out_dir / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<boi>",
-            "eos_token": "<eoi>",
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "model_max_length": self.seq_len,
-            LAYOUT_KEY: self.to_dict(),
-        }
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
+    # ---- checks against tokenizers, models and data ------------------------------------------------
     @classmethod
     def infer_from_tokenizer(cls, tokenizer) -> dict:
         """What a tokenizer's names say about its layout: offsets and counts (no grid shape).
@@ -299,3 +290,21 @@ class VocabLayout:
                 f"does not match the layout (vocab_size {self.vocab_size}, padded {self.padded_vocab_size}); "
                 "use the layout the checkpoint was created with (its rar_layout.json)"
             )
+
+
+    def check_meta(self, meta: dict, where: str) -> None:
+        """Raise unless a data folder's ``meta.json`` describes this layout's codebook, grid and classes."""
+        keys = ("codebook_size", "height", "width", "num_classes")
+        diff = [f"{k} {meta.get(k)} vs {getattr(self, k)}" for k in keys if meta.get(k) != getattr(self, k)]
+        if diff:
+            raise ValueError(
+                f"{where}: the data and the layout disagree ({', '.join(diff)}: data vs layout); "
+                "use the layout the data was made for, or the data the model was trained on"
+            )
+
+
+def is_layout_name(path_or_name: Path | str) -> bool:
+    """A ``str`` with no path separator and no ``.json`` suffix names a packaged layout."""
+    if not isinstance(path_or_name, str):
+        return False
+    return not ("/" in path_or_name or os.sep in path_or_name or path_or_name.endswith(".json") or path_or_name in (".", ".."))

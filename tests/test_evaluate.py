@@ -24,7 +24,7 @@ from rar_llm.evaluate import (
     precision_recall,
     to_uint8,
 )
-from rar_llm.generate import to_pixels
+from rar_llm.draw import to_pixels
 from rar_llm.init import init_weights, model_config
 from rar_llm.shards import Shards
 from rar_llm.vocab import VocabLayout

@@ -8,7 +8,7 @@ from litgpt.config import Config
 from litgpt.model import GPT
 
 from rar_llm.export import GGUF_LAYOUT_KEY, export, import_hf, rope_to_interleaved
-from rar_llm.generate import generate
+from rar_llm.sampling import generate
 from rar_llm.permute import interleave
 from rar_llm.vocab import LAYOUT_KEY, VocabLayout
 

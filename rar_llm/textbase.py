@@ -1,4 +1,4 @@
-"""Base text vocabularies under the image ids, and image generation from text prompts.
+"""Base text vocabularies under the image ids, and the tokenizer files of a checkpoint folder.
 
 A layout with ``text_vocab_size > 0`` keeps a base text tokenizer's ids ``[0, text_vocab_size)`` as
 they are and puts codes, classes, positions and ``<boi>``/``<eoi>`` after them (``rar_llm.vocab``).
@@ -13,6 +13,7 @@ prompts are encoded by the base itself, so text ids are exactly the base's. The 
 ``tokenizer.json`` is the base converted to a Hugging Face tokenizer with every image name appended
 as an added token, so litgpt's own ``Tokenizer`` (``litgpt generate`` / ``chat``) reads the whole
 merged vocabulary; tests check that it encodes and decodes text exactly as the base does.
+Image-only layouts get a word-level tokenizer naming every id (``checkpoint_tokenizer``).
 """
 
 from __future__ import annotations
@@ -21,29 +22,17 @@ import functools
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
-import torch
-from litgpt.model import GPT
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import BPE, Unigram
+from tokenizers.models import BPE, Unigram, WordLevel
 
-from rar_llm.generate import (
-    _check_sampling,
-    _generator,
-    _orders,
-    guidance_scale,
-    parallel_schedule,
-    prepacked,
-    sample_codes,
-)
-from rar_llm.vocab import ADAPTERS_DIR, VocabLayout
+from rar_llm.vocab import ADAPTERS_DIR, LAYOUT_KEY, VocabLayout
 
 SCHEMES = ("tiktoken", "sentencepiece", "hf")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
-
 
 # ---- base tokenizers -----------------------------------------------------------------------------
 class TextBase(ABC):
@@ -254,7 +243,7 @@ def tiktoken_to_hf(ranks: dict[bytes, int], pattern: str, special: dict[str, int
     )
     tok.decoder = decoders.ByteLevel()
     names = {i: n for n, i in special.items()}
-    _append(tok, [AddedToken(names.get(i, f"<text_{i}>"), special=True, normalized=False)
+    append_tokens(tok, [AddedToken(names.get(i, f"<text_{i}>"), special=True, normalized=False)
                   for i in range(len(ranks), size)])
     return tok
 
@@ -313,7 +302,7 @@ def sentencepiece_to_hf(path: Path) -> Tokenizer:
     return tok
 
 
-def _append(tok: Tokenizer, tokens: list[AddedToken]) -> None:
+def append_tokens(tok: Tokenizer, tokens: list[AddedToken]) -> None:
     """Add tokens at the next free ids, in order; raise if a name is already taken."""
     first = tok.get_vocab_size(with_added_tokens=True)
     clash = [t.content for t in tokens if tok.token_to_id(t.content) is not None]
@@ -343,7 +332,7 @@ def merged_hf_tokenizer(layout: VocabLayout) -> Tokenizer:
     """The checkpoint tokenizer of a text layout: the base, then every image id's name as an added token."""
     tok = layout_base(layout).hf()
     names = [layout.token_name(i) for i in range(layout.code_offset, layout.padded_vocab_size)]
-    _append(tok, [AddedToken(n, special=False, normalized=False) for n in names])
+    append_tokens(tok, [AddedToken(n, special=False, normalized=False) for n in names])
     return tok
 
 
@@ -355,65 +344,10 @@ def text_layout(base_spec: str, image_layout: VocabLayout | str | Path) -> Vocab
     return VocabLayout.from_dict(d)
 
 
-# ---- text corpora --------------------------------------------------------------------------------
-def read_documents(paths: Sequence[Path | str], text_key: str = "text") -> Iterator[str]:
-    """Documents of plain-text files (one document each) and JSON-lines files (``text_key`` of each line)."""
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {path} not found; give .txt or .jsonl files")
-        if path.suffix != ".jsonl":
-            yield path.read_text(encoding="utf-8")
-            continue
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a {text_key!r} string ({e})") from None
-                yield doc
-
-
-def pydoc_topics(out: Path = Path("data/pydoc_topics.jsonl")) -> Path:
-    """Python's bundled help topics (``pydoc_data.topics``) as JSON lines: a real text corpus, no download."""
-    from pydoc_data.topics import topics
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"topic": name, "text": topics[name]}) + "\n" for name in sorted(topics))
-    print(f"Wrote {len(topics)} documents to {out}")
-    return out
-
-
-def train_bpe(files: list[Path], out: Path, vocab_size: int = 1024, text_key: str = "text") -> Path:
-    """Train a byte-level BPE ``tokenizer.json`` (GPT-2 pre-tokenizer, ``<|endoftext|>`` as id 0).
-
-    Byte-level, so every text round-trips exactly; small, so a tiny model's embedding stays small.
-    """
-    from tokenizers.trainers import BpeTrainer
-
-    tok = Tokenizer(BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(read_documents(files, text_key), trainer)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out))
-    return Path(out)
-
-
-# ---- prompted generation -------------------------------------------------------------------------
 def encode_prompt(layout: VocabLayout, prompt: str | Sequence[int]) -> list[int]:
     """Base-tokenizer ids of a prompt (a string, or ids checked to lie in the text range)."""
     if layout.text_vocab_size == 0:
-        raise ValueError("this layout has no text vocabulary; generate from class ids with rar_llm.generate.generate")
+        raise ValueError("this layout has no text vocabulary; generate from class ids with rar_llm.generate")
     ids = layout_base(layout).encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     bad = [i for i in ids if not 0 <= i < layout.text_vocab_size]
     if bad:
@@ -424,85 +358,39 @@ def encode_prompt(layout: VocabLayout, prompt: str | Sequence[int]) -> list[int]
     return ids
 
 
-@torch.inference_mode()
-def generate_from_prompt(
-    model: GPT,
-    prompt: str | Sequence[int],
-    *,
-    layout: VocabLayout | str | Path,
-    num_samples: int = 1,
-    guidance: float = 1.0,
-    schedule: str = "constant",
-    power: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    order: str | Sequence[int] | torch.Tensor = "raster",
-    steps: int | None = None,
-    seed: int | torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample ``num_samples`` code grids for a text prompt; returns ``(B, H, W)`` codes.
+# ---- the tokenizer files of a checkpoint folder --------------------------------------------------
+def checkpoint_tokenizer(layout: VocabLayout) -> Tokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` naming every id of the padded vocabulary.
 
-    The model reads ``[prompt ids, <boi>, pos, code, ...]``, as ``rar_llm.mixed`` trains captioned
-    images. Guidance's unconditional branch is ``[<boi>, pos, code, ...]``, the training form of a
-    dropped caption; the two branches keep separate KV caches since their prefixes differ in length.
-    Sampling arguments are those of ``rar_llm.generate.generate``.
+    Image-only layouts get a word-level model whose every token is also an added token, so
+    ``"<class_3><pos_0>"`` encodes to two ids with no spaces needed; text layouts get the base
+    tokenizer with the image names appended (``merged_hf_tokenizer``).
     """
-    if not isinstance(layout, VocabLayout):
-        layout = VocabLayout.load(layout)
-    layout.check_model(model.config)
-    _check_sampling(guidance, schedule, temperature, top_k, top_p)
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
-    ids = encode_prompt(layout, prompt)
-    n, B = layout.num_positions, num_samples
-    prefixes = [ids + [layout.boi]] + ([[layout.boi]] if guidance != 1.0 else [])
-    need = len(prefixes[0]) + 2 * n
-    if model.max_seq_length < need:
-        raise ValueError(
-            f"model.max_seq_length={model.max_seq_length} is shorter than the prompt's {len(prefixes[0])} tokens "
-            f"plus the image's {2 * n}; set model.max_seq_length = {need} (block_size is {model.config.block_size})"
-        )
-    device = model.lm_head.weight.device
-    gen = _generator(seed, device)
-    perm = _orders(order, B, layout, gen)
-    counts = parallel_schedule(n, n if steps is None else steps)
-    body = torch.zeros(B, 2 * n, dtype=torch.long)
-    body[:, 0::2] = layout.pos_offset + perm
-    seqs = [torch.cat((torch.tensor(p).expand(B, -1), body), 1).to(device) for p in prefixes]
-    codes = slice(layout.code_offset, layout.class_offset)
+    if layout.text_vocab_size:
+        return merged_hf_tokenizer(layout)
+    names = [layout.token_name(i) for i in range(layout.padded_vocab_size)]
+    tok = Tokenizer(WordLevel({n: i for i, n in enumerate(names)}, unk_token=names[-1]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_tokens([AddedToken(n, normalized=False, special=False) for n in names])
+    return tok
 
-    saved = [block.attn.kv_cache for block in model.transformer.h], model.mask_cache
-    caches = []
-    for _ in seqs:
-        model.set_kv_cache(B, max_seq_length=need, device=device, dtype=model.lm_head.weight.dtype)
-        caches.append([block.attn.kv_cache for block in model.transformer.h])
-    try:
-        with prepacked(model):  # CPU: oneDNN-prepacked linear weights for the call
-            done, starts = 0, [0] * len(seqs)
-            for k in counts:
-                logits = []
-                for b, (seq, cache) in enumerate(zip(seqs, caches)):
-                    for block, c in zip(model.transformer.h, cache):
-                        block.attn.kv_cache = c
-                    p = len(prefixes[b]) + 2 * done  # slot of this step's first query
-                    idx = torch.cat((seq[:, starts[b] : p], seq[:, p : p + 2 * k : 2]), 1)
-                    out = model(idx, input_pos=torch.arange(starts[b], p + k, device=device), input_pos_maxp1=p + k)
-                    logits.append(out[:, -k:, codes].float())
-                    starts[b] = p + 1
-                mixed = logits[0]
-                if len(logits) == 2:
-                    mixed = logits[1] + guidance_scale(guidance, done, n, schedule, power) * (logits[0] - logits[1])
-                new = layout.code_offset + sample_codes(mixed, temperature, top_k, top_p, gen)
-                for seq, prefix in zip(seqs, prefixes):
-                    p = len(prefix) + 2 * done
-                    seq[:, p + 1 : p + 2 * k : 2] = new
-                done += k
-    finally:
-        for block, cache in zip(model.transformer.h, saved[0]):
-            block.attn.kv_cache = cache
-        model.mask_cache = saved[1]
 
-    grid = torch.empty(B, n, dtype=torch.long)
-    grid.scatter_(1, perm, seqs[0][:, len(prefixes[0]) + 1 :: 2].cpu() - layout.code_offset)
-    return grid.view(B, layout.height, layout.width)
+def write_tokenizer(layout: VocabLayout, out_dir: Path | str) -> list[Path]:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` as litgpt and transformers read them.
+
+    ``tokenizer_config.json`` carries the layout (``rar_layout``); litgpt copies it into every
+    checkpoint it saves. Returns the files written.
+    """
+    out_dir = Path(out_dir)
+    checkpoint_tokenizer(layout).save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<boi>",
+        "eos_token": "<eoi>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": layout.seq_len,
+        LAYOUT_KEY: layout.to_dict(),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return [out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"]

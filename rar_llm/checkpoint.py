@@ -1,0 +1,165 @@
+"""Checkpoint folders in, models that know their vocabulary out.
+
+One loader for every command (sample, evaluate, demo, export): it checks the folder's files, the
+config, every tensor's name and shape against the config, that the weights are finite, and the
+layout against the model, naming the file and the fix when something does not fit. The returned
+litgpt ``GPT`` carries its layout as ``model.layout`` (litgpt stays unpatched), so ``generate(model,
+class_id)`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from litgpt.config import Config
+from litgpt.model import GPT
+
+from rar_llm import configs  # noqa: F401  (registers the rar-* names a config may refer to)
+from rar_llm.vocab import VocabLayout
+
+WEIGHTS, CONFIG = "lit_model.pth", "model_config.yaml"
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bfloat16 where the device runs it natively (1.5x faster CPU decoding here), else float32; said once."""
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+    why = "runs it natively" if dtype == torch.bfloat16 else "has no native bfloat16"
+    print(f"rar_llm: sampling in {str(dtype).removeprefix('torch.')} on {device} (it {why}; pass dtype= to choose)",
+          file=sys.stderr)
+    return dtype
+
+
+def read_config(checkpoint_dir: Path) -> Config:
+    path = Path(checkpoint_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {checkpoint_dir} is not a litgpt checkpoint folder (it needs {WEIGHTS} and "
+            f"{CONFIG}, as `rar-llm init` and litgpt training write them)"
+        )
+    try:
+        return Config.from_file(path)
+    except Exception as e:  # yaml errors, unknown keys, a config name litgpt does not know
+        raise ValueError(f"{path}: not a litgpt model config ({type(e).__name__}: {e})") from None
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A litgpt state dict (memory-mapped, no pickled code), unwrapped from a training run's ``{"model": ...}``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder holds {WEIGHTS} and {CONFIG}")
+    try:
+        state = torch.load(path, map_location=device, mmap=True, weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or pickled code weights_only refuses
+        raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "the file is damaged or not a litgpt checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # litgpt training runs save {"model": ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def check_weights(config: Config, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise unless ``state`` holds exactly the tensors of a litgpt GPT with ``config``, finite."""
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    reshaped = [f"{k} {got[k]} (config: {want[k]})" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+    problems = [f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}"] if missing else []
+    problems += [f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"] if unexpected else []
+    problems += [f"shapes {reshaped[:3]}"] if reshaped else []
+    if problems:
+        raise ValueError(f"{where}: the weights do not fit the model config ({'; '.join(problems)}); "
+                         f"the checkpoint's {WEIGHTS} and {CONFIG} come from different models")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: non-finite weights (NaN or inf) in {bad[:3]}; the training run diverged, "
+                         "use an earlier checkpoint")
+
+
+def load_checkpoint(
+    checkpoint_dir: Path | str, layout: VocabLayout | str | Path | None = None
+) -> tuple[Config, VocabLayout, dict[str, torch.Tensor]]:
+    """Config, layout and state dict (memory-mapped, checked whole) of a checkpoint folder.
+
+    ``layout`` is for a folder whose ``tokenizer_config.json`` has no ``rar_layout``; default: its own.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} not found; give a folder made by `rar-llm init` "
+                                "or a litgpt run's final/")
+    config = read_config(checkpoint_dir)
+    if layout is None:
+        layout = VocabLayout.from_checkpoint(checkpoint_dir)
+    elif not isinstance(layout, VocabLayout):
+        layout = VocabLayout.load(layout)
+    layout.check_model(config, where=str(checkpoint_dir))
+    state = read_weights(checkpoint_dir / WEIGHTS)
+    check_weights(config, state, str(checkpoint_dir / WEIGHTS))
+    return config, layout, state
+
+
+def context_length(layout: VocabLayout, config: Config) -> int:
+    """Tokens the model must hold: one image sequence, or the whole context when prompts can precede it."""
+    return config.block_size if layout.text_vocab_size else layout.seq_len
+
+
+def load_model(
+    checkpoint_dir: Path | str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    layout: VocabLayout | str | Path | None = None,
+) -> GPT:
+    """The litgpt ``GPT`` of a checkpoint folder, in eval mode, carrying its layout as ``model.layout``.
+
+    Args:
+        checkpoint_dir: a folder with ``lit_model.pth``, ``model_config.yaml`` and the tokenizer files.
+        device: default CUDA when available, else the CPU.
+        dtype: default bfloat16 where the device runs it natively, else float32 (``default_dtype``).
+        layout: only for folders that do not carry one.
+
+    Its context (``max_seq_length``) holds what the layout can generate, prompts included.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype if dtype is not None else default_dtype(device)
+    config, layout, state = load_checkpoint(checkpoint_dir, layout)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    model.max_seq_length = context_length(layout, config)
+    model.cos, model.sin = model.rope_cache(device=device)  # not in the checkpoint
+    model.layout = layout
+    return model.eval()
+
+
+def model_layout(model: GPT, layout: VocabLayout | str | Path | None = None) -> VocabLayout:
+    """The layout to decode ``model`` with: the one given, else the one the model carries; checked against it."""
+    if layout is None:
+        layout = getattr(model, "layout", None)
+        if layout is None:
+            raise ValueError(
+                "this GPT carries no vocabulary layout: load it with rar_llm.load_model(checkpoint_dir), set "
+                "model.layout = rar_llm.VocabLayout.load(...), or pass layout=..."
+            )
+    elif not isinstance(layout, VocabLayout):
+        layout = VocabLayout.load(layout)
+    layout.check_model(model.config)
+    return layout

@@ -1,0 +1,51 @@
+"""What a command may write: its own files, never the user's.
+
+``--overwrite true`` replaces only the files and folders a command itself writes; anything else in
+the output folder stays, and the command says which of its own it replaced.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def claim_outputs(out_dir: Path | str, owned: Sequence[str], overwrite: bool, source: Path | str | None = None) -> list[Path]:
+    """Get ``out_dir`` ready for a command that writes the entries ``owned`` (file or folder names).
+
+    Refuses (FileExistsError) if any of them exists unless ``overwrite``; with it, removes just those
+    and says so. Refuses an ``out_dir`` that is a file or that would contain ``source``. Returns the
+    entries it removed.
+    """
+    out_dir = Path(out_dir)
+    if source is not None and out_dir.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        raise ValueError(f"--out_dir {out_dir} would contain the input {source}; write to another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {out_dir} is a file; give a folder")
+    existing = [out_dir / name for name in owned if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(map(str, existing[:4]))}{' ...' if len(existing) > 4 else ''} already exist; choose another "
+            "--out_dir or pass --overwrite true (it replaces only these, other files stay)"
+        )
+    for path in existing:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if existing:
+        print(f"Replacing {', '.join(p.name for p in existing)} in {out_dir} (--overwrite); other files stay")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return existing
+
+
+def claim_file(path: Path | str, overwrite: bool) -> Path:
+    """An output file: refuses to replace an existing one unless ``overwrite``; makes its folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite true")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,367 @@
+"""Sampling code grids from a litgpt GPT trained on RAR sequences: one decoding loop, two front ends.
+
+The model is a plain causal LM over ``[condition, pos_a, code_a, pos_b, code_b, ...]``; the logits
+at a position token predict the code of that cell. The condition is a class token (``generate``)
+or a text prompt and ``<boi>`` (``generate_from_prompt``); both run through ``decode_grids``, which
+feeds the condition and any known cells (prefill), then asks for the remaining cells in the chosen
+order, one or several position tokens (queries) per step, on litgpt's own KV cache.
+
+Cache layout. Step ``s`` puts its ``k`` queries in the ``k`` slots after the context. The first
+query sits in its training slot and sees exactly the training context, so its keys/values stay. The
+next step writes the accepted codes and the other queries re-interleaved, ``[code_1, pos_2, code_2,
+..., pos_k, code_k]``, from the slot after the first query on, followed by its own queries. So the
+cache always holds the training layout of the cells decided so far, and with one query per step a
+step feeds exactly two tokens ``[code_t, pos_t+1]``. Within a step, queries attend to the earlier
+queries of the same step (plain causal mask, as RandAR does); they see no code of that step.
+
+Classifier-free guidance runs a second, unconditional branch (the null class, or a bare ``<boi>``)
+and mixes ``u + g * (c - u)``, ``g`` following a schedule over the share of cells generated before
+the step. Branches whose conditions have the same length share one batch and one KV cache (the
+class case: ``[cond; null]``); a text prompt and its bare ``<boi>`` differ in length, so each keeps
+its own cache, swapped into litgpt's blocks for its forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from litgpt.model import GPT
+from tqdm import tqdm
+
+from rar_llm.checkpoint import model_layout
+from rar_llm.decoding import (
+    OrderName,
+    Schedule,
+    cell_orders,
+    check_sampling,
+    class_ids,
+    guidance_scale,
+    make_generator,
+    parallel_schedule,
+    sample_codes,
+)
+from rar_llm.prepack import prepacked
+from rar_llm.textbase import encode_prompt
+from rar_llm.vocab import VocabLayout
+
+CACHE_BUDGET = 1 << 30  # bytes of KV cache per chunk of a large batch
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: guidance and its schedule, the per-step filters, the order and the step count."""
+
+    guidance: float = 1.0
+    schedule: Schedule = "constant"
+    power: float = 0.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    order: OrderName | Sequence[int] | torch.Tensor = "raster"
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(self.guidance, self.schedule, self.temperature, self.top_k, self.top_p, self.power)
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
+            raise ValueError(f"steps={self.steps!r} must be an integer or None (one step per cell)")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+
+def known_cells(known, known_mask, batch: int, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known codes and their mask as ``(B, H*W)``; nothing known without a grid."""
+    H, W, n = layout.height, layout.width, layout.num_positions
+    if (known is None) != (known_mask is None):
+        raise ValueError("give both known (a code grid) and known_mask (True where the cell is given), or neither")
+    if known is None:
+        return torch.zeros(batch, n, dtype=torch.long), torch.zeros(batch, n, dtype=torch.bool)
+    grid = torch.as_tensor(known).cpu()
+    mask = torch.as_tensor(known_mask).cpu()
+    if grid.is_floating_point() or grid.dtype == torch.bool:
+        raise ValueError(f"known must hold integer codes, got dtype {grid.dtype}")
+    grid = grid.long()
+    for name, t in (("known", grid), ("known_mask", mask)):
+        if t.shape not in ((H, W), (batch, H, W)):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; expected ({H}, {W}) or ({batch}, {H}, {W}) for this "
+                f"layout's {H}x{W} grid and {batch} samples"
+            )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"known_mask must be boolean (True where the cell is given), got {mask.dtype}")
+    grid, mask = grid.expand(batch, H, W).reshape(batch, n), mask.expand(batch, H, W).reshape(batch, n)
+    bad = grid[mask][(grid[mask] < 0) | (grid[mask] >= layout.codebook_size)]
+    if bad.numel():
+        raise ValueError(
+            f"known: code {int(bad[0])} is outside the codebook 0..{layout.codebook_size - 1}; give codes made "
+            "by the tokenizer of this layout"
+        )
+    counts = mask.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(
+            f"known_mask gives {counts.tolist()} cells per sample; every sample must know the same number "
+            "of cells (generate differently masked samples in separate calls)"
+        )
+    return grid, mask
+
+
+def _fit_context(model: GPT, need: int) -> None:
+    """Make room for ``need`` tokens (up to the config's block size) so no caller sets it by hand."""
+    if need > model.config.block_size:
+        raise ValueError(
+            f"the condition plus the image need {need} tokens but the model's context (block_size) is "
+            f"{model.config.block_size}; shorten the prompt"
+        )
+    if model.max_seq_length < need:
+        model.max_seq_length = need
+
+
+def chunk_size(model: GPT, rows_per_image: int, need: int, batch_size: int | None) -> int:
+    """Images per forward batch: ``batch_size``, or as many as keep the KV cache within ``CACHE_BUDGET``."""
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1 (or None: sized to memory)")
+        return batch_size
+    c = model.config
+    per_image = rows_per_image * c.n_layer * 2 * need * c.n_query_groups * c.head_size * model.lm_head.weight.element_size()
+    return max(1, CACHE_BUDGET // per_image)
+
+
+@torch.inference_mode()
+def decode_grids(
+    model: GPT,
+    layout: VocabLayout,
+    prefixes: Sequence[torch.Tensor],
+    settings: Settings,
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    kv_cache: bool = True,
+    prepack: bool = True,
+    bar: tqdm | None = None,
+) -> torch.Tensor:
+    """The one decoding loop: ``(B, H, W)`` codes after the conditions ``prefixes``.
+
+    ``prefixes``: the conditional branch ``(B, P)`` and, when guided, the unconditional one ``(B, P')``.
+    """
+    B = prefixes[0].shape[0]
+    device = model.lm_head.weight.device
+    n = layout.num_positions
+    known_grid, known_mask = known_cells(known, known_mask, B, layout)
+    perm = cell_orders(settings.order, B, layout, generator)
+    # given cells first (in the order's order), then the ones to generate
+    perm = perm.gather(1, torch.sort((~known_mask.gather(1, perm)).long(), dim=1, stable=True).indices)
+    n_known = int(known_mask[0].sum())
+    n_gen = n - n_known
+    if n_gen == 0:
+        raise ValueError("known_mask marks every cell as given: there is nothing to generate")
+    counts = parallel_schedule(n_gen, n_gen if settings.steps is None else settings.steps)
+    ordered = known_grid.gather(1, perm)  # codes in the order they are fed; generated ones are written in
+    body = torch.empty(B, 2 * n, dtype=torch.long)
+    body[:, 0::2] = layout.pos_offset + perm
+    body[:, 1::2] = layout.code_offset + ordered
+
+    # branches of equal condition length share one batch (and cache); each stream: [rows, length, branches]
+    streams: list[dict] = []
+    for b, prefix in enumerate(prefixes):
+        s = next((s for s in streams if s["length"] == prefix.shape[1]), None)
+        if s is None:
+            s = {"length": prefix.shape[1], "prefix": [], "branches": [], "start": 0, "cache": None}
+            streams.append(s)
+        s["prefix"].append(prefix.cpu())
+        s["branches"].append(b)
+    for s in streams:
+        s["seq"] = torch.cat((torch.cat(s["prefix"]), body.repeat(len(s["branches"]), 1)), 1).to(device)
+    need = max(s["seq"].shape[1] for s in streams)
+    _fit_context(model, need)
+    codes = slice(layout.code_offset, layout.class_offset)
+
+    saved = [block.attn.kv_cache for block in model.transformer.h], model.mask_cache
+    try:
+        if kv_cache:
+            for s in streams:
+                model.set_kv_cache(s["seq"].shape[0], max_seq_length=need, device=device,
+                                   dtype=model.lm_head.weight.dtype)
+                s["cache"] = [block.attn.kv_cache for block in model.transformer.h]
+        rows = sum(s["seq"].shape[0] for s in streams)
+        with prepacked(model, batch_hint=2 * rows) if prepack else contextlib.nullcontext():
+            done = n_known
+            for k in counts:
+                logits: list[torch.Tensor | None] = [None] * len(prefixes)
+                for s in streams:
+                    seq, p = s["seq"], s["length"] + 2 * done  # p: slot of this step's first query
+                    queries = seq[:, p : p + 2 * k : 2]
+                    if kv_cache:
+                        for block, c in zip(model.transformer.h, s["cache"]):
+                            block.attn.kv_cache = c
+                        idx = torch.cat((seq[:, s["start"] : p], queries), dim=1)
+                        out = model(idx, input_pos=torch.arange(s["start"], p + k, device=device), input_pos_maxp1=p + k)
+                    else:
+                        out = model(torch.cat((seq[:, :p], queries), dim=1))
+                    s["start"] = p + 1
+                    for b, part in zip(s["branches"], out[:, -k:, codes].float().chunk(len(s["branches"]))):
+                        logits[b] = part
+                mixed = logits[0]
+                if settings.guided:
+                    g = guidance_scale(settings.guidance, done - n_known, n_gen, settings.schedule, settings.power)
+                    mixed = logits[1] + g * (logits[0] - logits[1])
+                new = sample_codes(mixed, settings.temperature, settings.top_k, settings.top_p, generator)
+                ordered[:, done : done + k] = new.cpu()
+                for s in streams:
+                    p = s["length"] + 2 * done
+                    s["seq"][:, p + 1 : p + 2 * k : 2] = (layout.code_offset + new).repeat(len(s["branches"]), 1)
+                done += k
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for block, cache in zip(model.transformer.h, saved[0]):
+            block.attn.kv_cache = cache
+        model.mask_cache = saved[1]
+
+    grid = torch.empty(B, n, dtype=torch.long).scatter_(1, perm, ordered)
+    return grid.view(B, layout.height, layout.width)
+
+
+def _chunked(
+    model: GPT,
+    layout: VocabLayout,
+    prefixes: Sequence[torch.Tensor],
+    settings: Settings,
+    known,
+    known_mask,
+    seed: int | torch.Generator | None,
+    kv_cache: bool,
+    prepack: bool,
+    progress: bool,
+    batch_size: int | None,
+) -> torch.Tensor:
+    """``decode_grids`` over chunks of the batch that fit the memory, with one progress bar, packing once."""
+    B = prefixes[0].shape[0]
+    order, known_t, mask_t = settings.order, known, known_mask
+    n_cells = layout.num_positions - (int(torch.as_tensor(known_mask).reshape(-1, layout.num_positions)[0].sum())
+                                      if known_mask is not None else 0)
+    per_chunk = len(parallel_schedule(n_cells, settings.steps or n_cells)) if n_cells else 0
+    need = max(p.shape[1] for p in prefixes) + 2 * layout.num_positions
+    size = chunk_size(model, len(prefixes), need, batch_size)
+    generator = make_generator(seed, model.lm_head.weight.device)
+    out = []
+    with (prepacked(model, batch_hint=2 * len(prefixes) * min(size, B)) if prepack else contextlib.nullcontext(),
+          tqdm(total=per_chunk * -(-B // size), desc="generate", unit="step", disable=not progress, leave=False) as bar):
+        for lo in range(0, B, size):
+            hi = min(B, lo + size)
+            part = Settings(**{**settings.__dict__, "order": _rows(order, lo, hi, B)})
+            out.append(decode_grids(
+                model, layout, [p[lo:hi] for p in prefixes], part, _rows(known_t, lo, hi, B, 3),
+                _rows(mask_t, lo, hi, B, 3), generator, kv_cache, prepack, bar,
+            ))
+    return torch.cat(out)
+
+
+def _rows(x, lo: int, hi: int, batch: int, batched_dim: int = 2):
+    """Rows ``lo:hi`` of a per-sample argument (a name or a shared value passes through)."""
+    if x is None or isinstance(x, str):
+        return x
+    t = torch.as_tensor(x)
+    return t[lo:hi] if t.dim() == batched_dim and t.shape[0] == batch else x
+
+
+def generate(
+    model: GPT,
+    class_id: int | Sequence[int] | torch.Tensor,
+    *,
+    layout: VocabLayout | str | Path | None = None,
+    guidance: float = 1.0,
+    schedule: Schedule = "constant",
+    power: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    order: OrderName | Sequence[int] | torch.Tensor = "raster",
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    steps: int | None = None,
+    seed: int | torch.Generator | None = None,
+    batch_size: int | None = None,
+    kv_cache: bool = True,
+    prepack: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample one code grid per class id; returns ``(B, H, W)`` long codes in ``0..K-1``.
+
+    Args:
+        model: a litgpt ``GPT`` from ``rar_llm.load_model`` (it carries its layout).
+        class_id: one class id or many (one sample each): ints, a flat list or an integer tensor.
+        layout: the vocabulary layout (or a checkpoint folder / layout file / name) for a GPT that
+            carries none.
+        guidance: classifier-free guidance scale ``w`` (1: none, the batch is not doubled).
+            ``**RAR_PRESETS["rar-b"]`` gives RAR's guidance, schedule, power and temperature.
+        schedule: ``constant``, ``linear`` (RandAR) or ``power_cosine`` (RAR, with ``power``).
+        power: exponent of the power-cosine schedule (0: constant ``w``).
+        temperature, top_k, top_p: applied to the guided logits over the codebook only.
+        order: ``raster``, ``random`` (one permutation per sample), a named scan (``scan_order``), or
+            a permutation of the raster cell indices, ``(H*W,)`` or ``(B, H*W)``.
+        known, known_mask: a code grid and a boolean mask of its given cells, ``(H, W)`` or
+            ``(B, H, W)`` (inpainting / outpainting). Given cells are fed first, in ``order``, and
+            come back unchanged; only the others are sampled.
+        steps: forward passes for the cells to generate (default: one per cell); fewer decodes
+            several cells per step on RandAR's cosine schedule.
+        seed: an int or a ``torch.Generator`` (on the model's device) for reproducible samples.
+        batch_size: images per forward batch; default: as many as keep the KV cache under 1 GiB
+            (``CACHE_BUDGET``), so 10,000 images run in chunks rather than out of memory.
+        kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
+        prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.prepack``).
+        progress: show a tqdm bar over the steps.
+
+    The model's KV cache (and mask cache) are put back as the caller had them.
+    """
+    layout = model_layout(model, layout)
+    settings = Settings(guidance, schedule, power, temperature, top_k, top_p, order, steps)
+    classes = layout.class_tokens(class_ids(class_id))
+    if classes.numel() == 0:
+        raise ValueError("no class ids given; pass one class id or a list of them")
+    prefixes = [classes[:, None]] + ([torch.full_like(classes, layout.null_class)[:, None]] if settings.guided else [])
+    return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size)
+
+
+def generate_from_prompt(
+    model: GPT,
+    prompt: str | Sequence[int],
+    *,
+    layout: VocabLayout | str | Path | None = None,
+    num_samples: int = 1,
+    guidance: float = 1.0,
+    schedule: Schedule = "constant",
+    power: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    order: OrderName | Sequence[int] | torch.Tensor = "raster",
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    steps: int | None = None,
+    seed: int | torch.Generator | None = None,
+    batch_size: int | None = None,
+    kv_cache: bool = True,
+    prepack: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample ``num_samples`` code grids for a text prompt; returns ``(B, H, W)`` codes.
+
+    The model reads ``[prompt ids, <boi>, pos, code, ...]``, as ``rar_llm.mixed`` trains captioned
+    images. Guidance's unconditional branch is ``[<boi>, pos, code, ...]``, the training form of a
+    dropped caption. The other arguments are ``generate``'s.
+    """
+    layout = model_layout(model, layout)
+    settings = Settings(guidance, schedule, power, temperature, top_k, top_p, order, steps)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+    ids = encode_prompt(layout, prompt)
+    prefixes = [torch.tensor(ids + [layout.boi]).expand(num_samples, -1)]
+    if settings.guided:
+        prefixes.append(torch.full((num_samples, 1), layout.boi))
+    return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size)

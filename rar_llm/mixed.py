@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from litgpt.data.base import get_sft_collate_fn
+from litgpt.prompts import PromptStyle  # noqa: F401  (jsonargparse resolves the inherited fields' annotations here)
 from torch.utils.data import DataLoader, Dataset
 
 from rar_llm.data import ClockedData, ClockSampler

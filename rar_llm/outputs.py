@@ -14,8 +14,8 @@ from pathlib import Path
 def claim_outputs(out_dir: Path | str, owned: Sequence[str], overwrite: bool, source: Path | str | None = None) -> list[Path]:
     """Get ``out_dir`` ready for a command that writes the entries ``owned`` (file or folder names).
 
-    Refuses (FileExistsError) if any of them exists unless ``overwrite``; with it, removes just those
-    and says so. Refuses an ``out_dir`` that is a file or that would contain ``source``. Returns the
+    Refuses (FileExistsError) a folder that is not empty unless ``overwrite``; with it, removes just
+    the entries the command owns and says so: everything else there stays. Refuses an ``out_dir`` that is a file or that would contain ``source``. Returns the
     entries it removed.
     """
     out_dir = Path(out_dir)
@@ -24,10 +24,10 @@ def claim_outputs(out_dir: Path | str, owned: Sequence[str], overwrite: bool, so
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out_dir {out_dir} is a file; give a folder")
     existing = [out_dir / name for name in owned if (out_dir / name).exists() or (out_dir / name).is_symlink()]
-    if existing and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"{', '.join(map(str, existing[:4]))}{' ...' if len(existing) > 4 else ''} already exist; choose another "
-            "--out_dir or pass --overwrite true (it replaces only these, other files stay)"
+            f"{out_dir} is not empty; choose another --out_dir or pass --overwrite true (it replaces only what this "
+            f"command writes: {', '.join(owned)}; other files stay)"
         )
     for path in existing:
         if path.is_dir() and not path.is_symlink():

@@ -295,10 +295,10 @@ class VocabLayout:
     def check_meta(self, meta: dict, where: str) -> None:
         """Raise unless a data folder's ``meta.json`` describes this layout's codebook, grid and classes."""
         keys = ("codebook_size", "height", "width", "num_classes")
-        diff = [f"{k} {meta.get(k)} vs {getattr(self, k)}" for k in keys if meta.get(k) != getattr(self, k)]
+        diff = [f"{k} ({meta.get(k)} vs {getattr(self, k)})" for k in keys if meta.get(k) != getattr(self, k)]
         if diff:
             raise ValueError(
-                f"{where}: the data and the layout disagree ({', '.join(diff)}: data vs layout); "
+                f"{where}: the layout does not describe the data ({', '.join(diff)}: data vs layout); "
                 "use the layout the data was made for, or the data the model was trained on"
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -29,6 +30,29 @@ RAR_PRESETS = {
     "rar-xxl": dict(guidance=8.0, schedule="power_cosine", power=1.2, temperature=1.02),
 }
 Preset = Literal["rar-b", "rar-l", "rar-xl", "rar-xxl"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: guidance and its schedule, the per-step filters, the order and the step count."""
+
+    guidance: float = 1.0
+    schedule: Schedule = "constant"
+    power: float = 0.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    order: OrderName | Sequence[int] | torch.Tensor = "raster"
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(self.guidance, self.schedule, self.temperature, self.top_k, self.top_p, self.power)
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
+            raise ValueError(f"steps={self.steps!r} must be an integer or None (one step per cell)")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
 
 
 # ---- schedules -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from litgpt.data.base import get_sft_collate_fn
 from litgpt.prompts import PromptStyle  # noqa: F401  (jsonargparse resolves the inherited fields' annotations here)
 from torch.utils.data import DataLoader, Dataset
 
-from rar_llm.data import ClockedData, ClockSampler
+from rar_llm.data import ClockedData, ClockSampler, Prompts
 from rar_llm.permute import IGNORE_INDEX, Permutation, interleave
 from rar_llm.shards import META, Shards, read_meta
 from rar_llm.corpora import read_documents
@@ -58,27 +58,6 @@ def slots(n_images: int, n_text: int, text_share: float) -> int:
     if text_share == 1.0:
         return n_text
     return math.ceil(n_images / (1.0 - text_share))
-
-
-class _Prompts:
-    """What litgpt's eval hook reads: ``data[i]["instruction"]`` (an image's caption and ``<boi>``)."""
-
-    def __init__(self, dataset: MixedDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        ds = self.dataset
-        if not ds.n_images:
-            return {"instruction": ds.text_prompt}
-        index = i % ds.n_images
-        caption = ds.captions[index]
-        if caption is not None:
-            return {"instruction": caption[0] + ds.layout.token_name(ds.layout.boi)}
-        cls = ds.layout.class_token(ds.shards.labels[index])
-        return {"instruction": ds.layout.token_name(cls) + ds.layout.token_name(ds.layout.pos_offset)}
 
 
 class MixedDataset(Dataset):
@@ -113,10 +92,20 @@ class MixedDataset(Dataset):
         self.text_prompt = text_prompt
         self.length = slots(self.n_images, self.n_text, text_share)
         self.text_slots = math.floor(self.length * text_share)
-        self.data = _Prompts(self)
+        self.data = Prompts(self)
 
     def __len__(self) -> int:
         return self.length
+
+    def instruction(self, i: int) -> str:
+        """A prompt for litgpt's eval hook: an image's caption and ``<boi>``, or its class and first position."""
+        if not self.n_images:
+            return self.text_prompt
+        index = i % self.n_images
+        caption, layout = self.captions[index], self.layout
+        if caption is not None:
+            return caption[0] + layout.token_name(layout.boi)
+        return layout.token_name(layout.class_token(self.shards.labels[index])) + layout.token_name(layout.pos_offset)
 
     def _slot(self, i: int) -> tuple[bool, int]:
         """Whether slot ``i`` is text, and its number among the text or the image slots."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,8 +35,8 @@ from rar_llm.checkpoint import model_layout
 from rar_llm.decoding import (
     OrderName,
     Schedule,
+    Settings,
     cell_orders,
-    check_sampling,
     class_ids,
     guidance_scale,
     make_generator,
@@ -49,29 +48,6 @@ from rar_llm.textbase import encode_prompt
 from rar_llm.vocab import VocabLayout
 
 CACHE_BUDGET = 1 << 30  # bytes of KV cache per chunk of a large batch
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to sample: guidance and its schedule, the per-step filters, the order and the step count."""
-
-    guidance: float = 1.0
-    schedule: Schedule = "constant"
-    power: float = 0.0
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    order: OrderName | Sequence[int] | torch.Tensor = "raster"
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        check_sampling(self.guidance, self.schedule, self.temperature, self.top_k, self.top_p, self.power)
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
-            raise ValueError(f"steps={self.steps!r} must be an integer or None (one step per cell)")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance != 1.0
 
 
 def known_cells(known, known_mask, batch: int, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,8 +248,10 @@ def _rows(x, lo: int, hi: int, batch: int, batched_dim: int = 2):
 
 def generate(
     model: GPT,
-    class_id: int | Sequence[int] | torch.Tensor,
+    class_id: int | Sequence[int] | torch.Tensor | None = None,
     *,
+    prompt: str | Sequence[int] | None = None,
+    num_samples: int = 1,
     layout: VocabLayout | str | Path | None = None,
     guidance: float = 1.0,
     schedule: Schedule = "constant",
@@ -291,14 +269,18 @@ def generate(
     prepack: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Sample one code grid per class id; returns ``(B, H, W)`` long codes in ``0..K-1``.
+    """Sample code grids for class ids or a text prompt; returns ``(B, H, W)`` long codes in ``0..K-1``.
 
     Args:
         model: a litgpt ``GPT`` from ``rar_llm.load_model`` (it carries its layout).
         class_id: one class id or many (one sample each): ints, a flat list or an integer tensor.
+        prompt: instead of class ids, a text (or base-tokenizer ids) for a model trained on captioned
+            images (``rar_llm.mixed``): the model reads ``[prompt, <boi>, pos, code, ...]`` and guidance's
+            unconditional branch is ``[<boi>, ...]``, the training form of a dropped caption.
+        num_samples: samples per class id, or of the prompt.
         layout: the vocabulary layout (or a checkpoint folder / layout file / name) for a GPT that
             carries none.
-        guidance: classifier-free guidance scale ``w`` (1: none, the batch is not doubled).
+        guidance: classifier-free guidance scale ``w`` (1: none, no unconditional branch runs).
             ``**RAR_PRESETS["rar-b"]`` gives RAR's guidance, schedule, power and temperature.
         schedule: ``constant``, ``linear`` (RandAR) or ``power_cosine`` (RAR, with ``power``).
         power: exponent of the power-cosine schedule (0: constant ``w``).
@@ -321,47 +303,22 @@ def generate(
     """
     layout = model_layout(model, layout)
     settings = Settings(guidance, schedule, power, temperature, top_k, top_p, order, steps)
-    classes = layout.class_tokens(class_ids(class_id))
-    if classes.numel() == 0:
-        raise ValueError("no class ids given; pass one class id or a list of them")
-    prefixes = [classes[:, None]] + ([torch.full_like(classes, layout.null_class)[:, None]] if settings.guided else [])
-    return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size)
-
-
-def generate_from_prompt(
-    model: GPT,
-    prompt: str | Sequence[int],
-    *,
-    layout: VocabLayout | str | Path | None = None,
-    num_samples: int = 1,
-    guidance: float = 1.0,
-    schedule: Schedule = "constant",
-    power: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    order: OrderName | Sequence[int] | torch.Tensor = "raster",
-    known: torch.Tensor | None = None,
-    known_mask: torch.Tensor | None = None,
-    steps: int | None = None,
-    seed: int | torch.Generator | None = None,
-    batch_size: int | None = None,
-    kv_cache: bool = True,
-    prepack: bool = True,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Sample ``num_samples`` code grids for a text prompt; returns ``(B, H, W)`` codes.
-
-    The model reads ``[prompt ids, <boi>, pos, code, ...]``, as ``rar_llm.mixed`` trains captioned
-    images. Guidance's unconditional branch is ``[<boi>, pos, code, ...]``, the training form of a
-    dropped caption. The other arguments are ``generate``'s.
-    """
-    layout = model_layout(model, layout)
-    settings = Settings(guidance, schedule, power, temperature, top_k, top_p, order, steps)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-    ids = encode_prompt(layout, prompt)
-    prefixes = [torch.tensor(ids + [layout.boi]).expand(num_samples, -1)]
-    if settings.guided:
-        prefixes.append(torch.full((num_samples, 1), layout.boi))
+    if (class_id is None) == (prompt is None):
+        raise ValueError("give class ids or a prompt (generate_from_prompt), not both and not neither")
+    if prompt is not None:
+        cond = torch.tensor(encode_prompt(layout, prompt) + [layout.boi]).expand(num_samples, -1)
+        uncond = torch.full((num_samples, 1), layout.boi)
+    else:
+        classes = layout.class_tokens(class_ids(class_id)).repeat_interleave(num_samples)
+        if classes.numel() == 0:
+            raise ValueError("no class ids given; pass one class id or a list of them")
+        cond, uncond = classes[:, None], torch.full_like(classes, layout.null_class)[:, None]
+    prefixes = [cond, uncond] if settings.guided else [cond]
     return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size)
+
+
+def generate_from_prompt(model: GPT, prompt: str | Sequence[int], **kwargs) -> torch.Tensor:
+    """``num_samples`` code grids for a text prompt: ``generate(model, prompt=prompt, **kwargs)``."""
+    return generate(model, prompt=prompt, **kwargs)

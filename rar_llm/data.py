@@ -61,19 +61,17 @@ class ClockSampler(DistributedSampler):
             yield index, seen, draw
 
 
-class _Prompts:
-    """What litgpt's eval hook reads: ``data[i]["instruction"]`` (a class token and a first position)."""
+class Prompts:
+    """What litgpt's eval hook reads: ``data[i]["instruction"]``, the dataset's ``instruction(i)``."""
 
-    def __init__(self, dataset: RARDataset) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        layout = self.dataset.layout
-        cls = self.dataset.shards.labels[i]
-        return {"instruction": layout.token_name(layout.class_token(cls)) + layout.token_name(layout.pos_offset)}
+        return {"instruction": self.dataset.instruction(i)}
 
 
 class RARDataset(Dataset):
@@ -91,10 +89,15 @@ class RARDataset(Dataset):
         self.layout = layout
         self.permutation = permutation
         self.total_samples = total_samples
-        self.data = _Prompts(self)
+        self.data = Prompts(self)
 
     def __len__(self) -> int:
         return len(self.shards)
+
+    def instruction(self, i: int) -> str:
+        """A prompt for litgpt's eval hook: the class token and the first position."""
+        layout = self.layout
+        return layout.token_name(layout.class_token(self.shards.labels[i])) + layout.token_name(layout.pos_offset)
 
     def progress(self, samples_seen: int) -> float:
         return min(1.0, samples_seen / self.total_samples)
@@ -133,6 +136,8 @@ class ClockedData(DataModule):
         epochs: alternatively, the run's length in epochs of the train split (``train.epochs``).
         anneal_start, anneal_end, r_end: RAR's schedule of the random-order probability r.
         class_dropout: share of samples trained with the null class (for guidance).
+        noise: reAR's noisy context, training only: share of input code tokens replaced by random
+            codes while the labels keep the true ones (see ``rar_llm.permute.Permutation``); 0: off.
         seed: fixes every sample's order and dropout (with its draw number) and the shuffle.
         num_workers: DataLoader workers; the clock is computed in the main process either way.
         train_split, val_split: split names in ``meta.json``.
@@ -145,6 +150,7 @@ class ClockedData(DataModule):
     anneal_end: float = 0.75
     r_end: float = 0.0
     class_dropout: float = 0.1
+    noise: float = 0.0
     seed: int = 42
     num_workers: int = 2
     train_split: str = "train"
@@ -168,6 +174,7 @@ class ClockedData(DataModule):
             r_end=self.r_end,
             class_dropout=self.class_dropout,
             seed=self.seed,
+            noise=self.noise,
         )
 
     def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int | None = None) -> None:

@@ -43,6 +43,11 @@ class Permutation:
       any-order and parallel decoding).
     class_dropout: share of samples whose class becomes the null class (classifier-free guidance).
     seed: with the sample's global draw number, fixes its order and dropout.
+    noise: reAR's noisy context (arXiv 2510.04450), a training-only regulariser: each code token of
+      the *input* is replaced by a uniformly random code with this probability, while the labels keep
+      the true codes, so the model learns to predict the right code after its own sampling errors.
+      Class and position tokens are never touched; 0 (the default) draws nothing extra, so existing
+      runs are unchanged.
     """
 
     anneal_start: float = 0.5
@@ -50,11 +55,14 @@ class Permutation:
     r_end: float = 0.0
     class_dropout: float = 0.1
     seed: int = 0
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         anneal_r(0.0, self.anneal_start, self.anneal_end, self.r_end)  # validates
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"noise must be in [0, 1), got {self.noise}")
 
     def r(self, progress: float) -> float:
         return anneal_r(progress, self.anneal_start, self.anneal_end, self.r_end)
@@ -72,7 +80,18 @@ class Permutation:
         order = rng.permutation(n) if rng.random() < self.r(progress) else None
         if self.class_dropout and rng.random() < self.class_dropout:
             class_id = None
-        return interleave(layout, class_id, codes, order)
+        ids, labels = interleave(layout, class_id, codes, order)
+        if self.noise:
+            corrupt(ids, layout, self.noise, rng)
+        return ids, labels
+
+
+def corrupt(ids: np.ndarray, layout: VocabLayout, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Replace each code token of an ``interleave`` input (slots 2, 4, ...) by a uniformly random code
+    with probability ``p``, in place; returns the mask of corrupted slots. Labels are not touched."""
+    hit = rng.random(layout.num_positions) < p
+    ids[2::2][hit] = layout.code_offset + rng.integers(0, layout.codebook_size, int(hit.sum()))
+    return hit
 
 
 def interleave(

@@ -6,11 +6,8 @@ Two scales:
   from an MLP trained here on the real training images, since no pretrained network knows 8x8
   digits. Every figure for the samples is printed next to the same figure for real held-out
   images, the floor a perfect generator would reach with as many images.
-* 256x256 images (RAR's ImageNet setting): :func:`inception_metrics`, FID / IS / precision / recall
-  on the TF Inception-v3 of 2015-12-05 as NVIDIA's TorchScript (StyleGAN2-ADA, StyleGAN3, clean-fid
-  load the same file). It needs only ``torch.jit.load``: torch-fidelity, pytorch-fid and clean-fid all
-  import torchvision, and the only torchvision for torch 2.13 here is a CUDA build that fails to import
-  on the CPU torch this project pins.
+* 256x256 images (RAR's ImageNet setting): ``rar_llm.inception.inception_metrics``, FID / IS /
+  precision / recall on the TF Inception-v3 of 2015-12-05 as NVIDIA's TorchScript.
 """
 
 from __future__ import annotations
@@ -26,16 +23,12 @@ from litgpt.model import GPT
 from torch import nn
 
 from rar_llm.draw import CodeDecoder, check_drawable, to_pixels
+from rar_llm.inception import inception_metrics, load_images, to_uint8
+from rar_llm.metrics import copies, frechet_distance, nearest_distance, precision_recall
 from rar_llm.permute import IGNORE_INDEX, interleave
 from rar_llm.shards import Shards, read_meta
 from rar_llm.vocab import VocabLayout
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
-ADM_REFERENCE_URL = (
-    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
-    "VIRTUAL_imagenet256_labeled.npz"
-)
 NLL_ORDERS = ("raster", "random")
 
 
@@ -111,85 +104,6 @@ def fit_classifier(
     finally:
         torch.set_num_threads(threads)
     return clf.eval()
-
-
-# ---- distances between sets of images ---------------------------------------------------------------
-def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    if len(x) < 2:
-        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {len(x)}")
-    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
-
-
-def frechet_from_stats(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Fréchet distance of two Gaussians, ``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^1/2)``.
-
-    ``tr (C1 C2)^1/2 = tr (C1^1/2 C2 C1^1/2)^1/2``, and both roots are of symmetric PSD matrices, so
-    two symmetric eigendecompositions in float64 give it with no complex parts (which ``sqrtm`` of
-    the non-symmetric ``C1 C2`` produces from rounding on near-singular covariances).
-    """
-    w, v = np.linalg.eigh(cov1)
-    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = root @ cov2 @ root
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
-    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
-    return max(fd, 0.0)  # only rounding makes it negative
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two sets of features (rows are samples)."""
-    (mu1, cov1), (mu2, cov2) = _gaussian(a), _gaussian(b)
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"feature sets of different widths: {np.shape(a)} vs {np.shape(b)}; compare like with like")
-    return frechet_from_stats(mu1, cov1, mu2, cov2)
-
-
-def _min_distance(
-    x: torch.Tensor, ref: torch.Tensor, offset: torch.Tensor | None = None, chunk: int = 256
-) -> torch.Tensor:
-    """``min_j |x_i - ref_j| - offset_j`` per row of ``x``, in chunks so 50k x 50k sets fit in memory."""
-    out = []
-    for xs in x.split(chunk):
-        d = torch.cdist(xs, ref)
-        out.append((d if offset is None else d - offset).min(1).values)
-    return torch.cat(out)
-
-
-def _knn_radius(x: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
-    """Distance of each row to its k-th nearest other row."""
-    if len(x) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images per set, got {len(x)}")
-    return torch.cat([torch.cdist(xs, x).kthvalue(k + 1, dim=1).values for xs in x.split(chunk)])
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019, k=3 as ADM's evaluator).
-
-    Precision: share of fake samples inside the real manifold (the union of balls reaching each real
-    sample's k-th neighbour); recall: share of real samples inside the fake manifold.
-    """
-    r = torch.as_tensor(np.asarray(real, dtype=np.float64)).flatten(1)
-    f = torch.as_tensor(np.asarray(fake, dtype=np.float64)).flatten(1)
-    precision = (_min_distance(f, r, _knn_radius(r, k)) <= 0).double().mean().item()
-    recall = (_min_distance(r, f, _knn_radius(f, k)) <= 0).double().mean().item()
-    return precision, recall
-
-
-# ---- memorisation -------------------------------------------------------------------------------------
-def _rows(codes: np.ndarray) -> list[bytes]:
-    return [r.tobytes() for r in np.ascontiguousarray(np.asarray(codes, dtype=np.int64).reshape(len(codes), -1))]
-
-
-def copies(codes: np.ndarray, train_codes: np.ndarray) -> np.ndarray:
-    """``(N,)`` bools: which code grids equal a training grid in every code."""
-    seen = set(_rows(train_codes))
-    return np.array([r in seen for r in _rows(codes)], dtype=bool)
-
-
-def nearest_distance(images: np.ndarray, train_images: np.ndarray) -> np.ndarray:
-    """``(N,)`` L2 pixel distance of each image to its nearest training image."""
-    x = torch.as_tensor(np.asarray(images, dtype=np.float64)).flatten(1)
-    return _min_distance(x, torch.as_tensor(np.asarray(train_images, dtype=np.float64)).flatten(1)).numpy()
 
 
 # ---- held-out likelihood ------------------------------------------------------------------------------
@@ -305,6 +219,7 @@ def evaluate(
     layout: VocabLayout | None = None,
     seed: int = 0,
     tokenizer: CodeDecoder | None = None,
+    classifier: Classifier | None = None,
 ) -> dict:
     """All small-scale metrics of generated code grids against a data folder's train and val splits.
 
@@ -328,6 +243,8 @@ def evaluate(
         seed: the MLP's training, the floor's training subset and the random NLL order.
         tokenizer: decodes codes to pixels (None: the digits' 17 greys, see ``to_pixels``). The whole
             train split is decoded, so this is for small data; use :func:`inception_metrics` at 256x256.
+        classifier: a fitted feature network with ``features`` and ``predict`` (e.g.
+            ``rar_llm.classifier.CNNClassifier`` for Fashion-MNIST); None fits the pixel MLP here.
     """
     data_dir = Path(data_dir)
     layout = _layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
@@ -348,7 +265,7 @@ def evaluate(
     train, val = Shards(data_dir, "train"), Shards(data_dir, "val")
     train_codes, val_codes = _all_codes(train), _all_codes(val)
     train_images, val_images, images = pixels(train_codes), pixels(val_codes), pixels(codes)
-    clf = fit_classifier(train_images, train.labels, seed=seed, num_classes=layout.num_classes)
+    clf = classifier if classifier is not None else fit_classifier(train_images, train.labels, seed=seed, num_classes=layout.num_classes)
     val_feats = clf.features(val_images)
     floor = np.random.default_rng(seed).choice(len(train), size=min(len(codes), len(train)), replace=False)
 
@@ -376,115 +293,6 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- 256x256: Inception metrics -------------------------------------------------------------------
-def load_inception(weights: Path | str | None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """NVIDIA's TorchScript of the TF Inception-v3 (2015-12-05) that FID and IS are defined on."""
-    how = (
-        f"download {INCEPTION_FILE} (the TF Inception-v3 of 2015-12-05 as TorchScript, the file StyleGAN2-ADA, "
-        f"StyleGAN3 and clean-fid use) from {INCEPTION_URL} and pass its path "
-        "(`rar-llm evaluate --inception_weights PATH`, or inception_metrics(..., weights=PATH))"
-    )
-    if weights is None:
-        raise FileNotFoundError(f"no Inception weights given: {how}")
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found at {path}: {how}")
-    try:
-        return torch.jit.load(str(path), map_location=device).eval()
-    except RuntimeError as e:
-        raise ValueError(
-            f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); pytorch-fid's pt_inception-*.pth and "
-            f"torch-fidelity's weights are state dicts and do not load here: {how}"
-        ) from e
-
-
-@torch.inference_mode()
-def inception_outputs(
-    detector: torch.jit.ScriptModule, images: np.ndarray, batch_size: int = 50, device: str | torch.device = "cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pool features ``(N, 2048)`` and class probabilities ``(N, 1008)`` of uint8 images ``(N, H, W, C)``.
-
-    The detector resizes to 299x299 itself. Probabilities leave out the output bias, as the original
-    Inception Score code did (and StyleGAN's port of it).
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"expected uint8 images (N, H, W, 1 or 3), got {images.shape} {images.dtype}; "
-            "convert decoded (B, C, H, W) floats in [0, 1] with to_uint8"
-        )
-    feats, probs = [], []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        x = x.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
-        # two passes: the TorchScript returns either the features or the probabilities
-        feats.append(detector(x, return_features=True).double().cpu())
-        probs.append(detector(x, no_output_bias=True).double().cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
-
-
-def inception_score(probs: np.ndarray, splits: int = 10) -> float:
-    """``exp E_x KL(p(y|x) || p(y))``, averaged over ``splits`` parts as the original code did."""
-    scores = []
-    for part in np.array_split(torch.as_tensor(probs, dtype=torch.float64), min(splits, len(probs))):
-        marginal = part.mean(0, keepdim=True)
-        kl = torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)
-        scores.append(kl.sum(1).mean().exp().item())
-    return float(np.mean(scores))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded ``(B, C, H, W)`` floats in [0, 1] -> uint8 ``(B, H, W, C)``, as sample files store them."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def inception_metrics(
-    samples: np.ndarray,
-    reference: np.ndarray,
-    weights: Path | str | None,
-    batch_size: int = 50,
-    device: str | torch.device = "cpu",
-    splits: int = 10,
-    k: int = 3,
-) -> dict:
-    """FID, Inception Score, precision and recall of uint8 sample images ``(N, H, W, C)``.
-
-    ``reference`` holds real uint8 images the same way, e.g. ``arr_0`` of ADM's ImageNet 256 reference
-    batch (``ADM_REFERENCE_URL``), the one RAR's numbers are measured against. Precision/recall use
-    the Inception pool features, as ADM's evaluator does. Numbers are close to, not identical with,
-    ADM's TensorFlow evaluator (the resize to 299 differs).
-    """
-    detector = load_inception(weights, device)
-    fake_feats, fake_probs = inception_outputs(detector, samples, batch_size, device)
-    real_feats, _ = inception_outputs(detector, reference, batch_size, device)
-    precision, recall = precision_recall(real_feats, fake_feats, k)
-    return {
-        "fid": frechet_distance(fake_feats, real_feats),
-        "inception_score": inception_score(fake_probs, splits),
-        "precision": precision,
-        "recall": recall,
-        "num_samples": len(samples),
-        "num_reference": len(reference),
-    }
-
-
-def load_images(path: Path) -> np.ndarray:
-    """uint8 images ``(N, H, W, C)`` from a ``.npy`` or an ADM-style ``.npz`` (key ``arr_0``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no reference images at {path}; give a .npy or an ADM .npz (arr_0) of uint8 (N, H, W, 3)"
-        )
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            if "arr_0" not in f:
-                raise ValueError(
-                    f"{path} has no arr_0 (keys {list(f.keys())}); save the images as arr_0, as ADM's reference batches"
-                )
-            return f["arr_0"]
-    return np.load(path, mmap_mode="r", allow_pickle=False)
-
-
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
@@ -505,6 +313,7 @@ def evaluate_cli(
     batch_size: int = 50,
     device: str = "cpu",
     overwrite: bool = False,
+    classifier: Path | None = None,
 ) -> dict:
     """Score generated codes (``rar-llm sample``'s codes.npy / labels.npy) and write ``metrics.json``.
 
@@ -525,6 +334,8 @@ def evaluate_cli(
         batch_size: images per forward pass (Inception, decoding).
         device: torch device of the model, the tokenizer and Inception.
         overwrite: replace an existing metrics file.
+        classifier: a CNN from ``rar-llm train-classifier`` (Fashion-MNIST) as the feature network
+            (None: an MLP fitted on the training split here).
     """
     codes_npy = Path(codes_npy)
     labels_npy = codes_npy.with_name("labels.npy") if labels_npy is None else Path(labels_npy)
@@ -546,7 +357,11 @@ def evaluate_cli(
         layout = model.layout
 
     if inception_weights is None:
-        metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer)
+        if classifier is not None:
+            from rar_llm.classifier import CNNClassifier
+
+            classifier = CNNClassifier.load(classifier)
+        metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer, classifier)
     else:
         layout = _layout(Path(data_dir), layout)
         check_drawable(layout, tokenizer)

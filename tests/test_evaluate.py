@@ -7,23 +7,16 @@ import torch
 import torch.nn.functional as F
 from litgpt.model import GPT
 
-from rar_llm.evaluate import (
+from rar_llm.evaluate import evaluate, evaluate_cli, fit_classifier, heldout_nll
+from rar_llm.inception import (
     INCEPTION_FILE,
     INCEPTION_URL,
-    copies,
-    evaluate,
-    evaluate_cli,
-    fit_classifier,
-    frechet_distance,
-    frechet_from_stats,
-    heldout_nll,
     inception_metrics,
     inception_score,
     load_inception,
-    nearest_distance,
-    precision_recall,
     to_uint8,
 )
+from rar_llm.metrics import copies, frechet_distance, frechet_from_stats, nearest_distance, precision_recall
 from rar_llm.draw import to_pixels
 from rar_llm.init import init_weights, model_config
 from rar_llm.shards import Shards

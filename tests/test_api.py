@@ -239,3 +239,47 @@ def test_a_folder_never_shadows_a_layout_name(tmp_path, monkeypatch):
             raise ValueError(str(e)) from None
     with pytest.raises(FileNotFoundError, match=r"no named layout 'nope'.*\./nope"):
         rar_llm.VocabLayout.load("nope")
+
+
+def _package_imports() -> tuple[dict[str, set[str]], list[str]]:
+    """Module -> the rar_llm modules it imports anywhere (top level or in functions); private names imported."""
+    import ast
+
+    pkg = ROOT / "rar_llm"
+    modules = {".".join(("rar_llm", *p.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in pkg.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    private: list[str] = []
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rar_llm"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    deps.add(full if full in modules else node.module)
+                    if a.name.startswith("_") and full not in modules:
+                        private.append(f"{name} imports {node.module}.{a.name}")
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("rar_llm")}
+        graph[name] = {d for d in deps if d not in (name, "rar_llm")}
+    return graph, private
+
+
+def test_dependencies_point_one_way():
+    graph, private = _package_imports()
+    assert not private, private
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join(path + (node,))}"
+        if node in done:
+            return
+        for dep in graph.get(node, ()):
+            visit(dep, path + (node,))
+        done.add(node)
+
+    for module in graph:
+        visit(module, ())
+    bottom = {"rar_llm.vocab", "rar_llm.permute", "rar_llm.decoding"}
+    for module in bottom:
+        assert graph[module] <= bottom, f"{module} imports {graph[module] - bottom} from above it"

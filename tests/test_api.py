@@ -283,3 +283,20 @@ def test_dependencies_point_one_way():
     bottom = {"rar_llm.vocab", "rar_llm.permute", "rar_llm.decoding"}
     for module in bottom:
         assert graph[module] <= bottom, f"{module} imports {graph[module] - bottom} from above it"
+
+
+def test_prepacking_falls_back_to_plain_layers_when_onednn_fails(tiny_checkpoint, monkeypatch):
+    from rar_llm import prepack
+
+    model = rar_llm.load_model(tiny_checkpoint, dtype=torch.float32)
+    want = rar_llm.generate(model, [1, 2], seed=0, prepack=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such op in this build")
+
+    monkeypatch.setattr(prepack, "packable", lambda m: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken, raising=False)
+    with pytest.warns(UserWarning, match="prepacking failed"):
+        got = rar_llm.generate(model, [1, 2], seed=0)
+    assert torch.equal(got, want)
+    assert not any("forward" in m.__dict__ for m in model.modules())

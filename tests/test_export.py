@@ -83,8 +83,9 @@ def test_hf_folder_loads_with_auto_classes(hf_dir, layout, hf_model):
     assert not cfg.tie_word_embeddings
 
 
-def test_hf_logits_equal_litgpt(lit_model, hf_model, layout):
-    ids = rar_sequence(layout)
+def test_hf_logits_equal_litgpt(lit_model, hf_model, layout, device, on_device):
+    lit_model, hf_model = on_device(lit_model, device), on_device(hf_model, device)
+    ids = rar_sequence(layout).to(device)
     with torch.no_grad():
         ours, theirs = lit_model(ids), hf_model(ids).logits
     assert ours.abs().max() > 0.1
@@ -100,9 +101,10 @@ def test_hf_logits_equal_litgpt(lit_model, hf_model, layout):
         dict(order=list(range(63, -1, -1))),
     ],
 )
-def test_hf_generate_greedy_equals_generate(lit_model, hf_model, layout, settings):
+def test_hf_generate_greedy_equals_generate(lit_model, hf_model, layout, settings, device, on_device):
     from rar_llm.hf import hf_generate
 
+    lit_model, hf_model = on_device(lit_model, device), on_device(hf_model, device)
     classes = [1, 7]
     theirs = hf_generate(hf_model, layout, classes, temperature=0, **settings)
     ours = generate(lit_model, classes, layout=layout, temperature=0, **settings)
@@ -127,7 +129,7 @@ def test_export_refuses_non_empty_folder(checkpoint, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(checkpoint, out)
     export(checkpoint, out, dtype="bfloat16", overwrite=True)
-    assert not (out / "stale.txt").exists()
+    assert (out / "stale.txt").read_text() == "x"  # --overwrite replaces only what export writes
     with pytest.raises(ValueError, match="would contain the input"):
         export(checkpoint, checkpoint.parent, overwrite=True)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

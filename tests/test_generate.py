@@ -48,7 +48,7 @@ def record_calls(model, monkeypatch):
     forward = model.forward
 
     def spy(idx, input_pos=None, **kwargs):
-        calls.append((idx.clone(), None if input_pos is None else input_pos.clone()))
+        calls.append((idx.cpu().clone(), None if input_pos is None else input_pos.cpu().clone()))
         return forward(idx, input_pos=input_pos, **kwargs)
 
     monkeypatch.setattr(model, "forward", spy)
@@ -64,7 +64,8 @@ def record_calls(model, monkeypatch):
              known=torch.arange(N).view(4, 4) % 17, known_mask=torch.eye(4, dtype=torch.bool)),
     ],
 )
-def test_kv_cache_logits_equal_full_forward(model, monkeypatch, kwargs):
+def test_kv_cache_logits_equal_full_forward(model, monkeypatch, kwargs, device, on_device):
+    model = on_device(model, device)
     seen = record_logits(monkeypatch)
     cached = generate(model, [0, 2], layout=LAYOUT, seed=1, **kwargs)
     with_cache, seen[:] = list(seen), []
@@ -75,7 +76,27 @@ def test_kv_cache_logits_equal_full_forward(model, monkeypatch, kwargs):
     assert torch.equal(cached, full)
 
 
-def test_guidance_one_is_the_unguided_path(model, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_step_logits_equal_full_forward(model, device, dtype):
+    """Teacher-forced, two tokens per step on litgpt's KV cache: the full forward's logits at every position token."""
+    net = copy.deepcopy(model).to(device=device, dtype=dtype)
+    rng = np.random.default_rng(0)
+    rows = [interleave(LAYOUT, c, rng.integers(0, 17, N), rng.permutation(N))[0] for c in (0, 2)]
+    ids = torch.from_numpy(np.stack(rows)).to(device)
+    with torch.inference_mode():
+        full = net(ids)[:, 1::2].float()  # the logits at the position tokens predict their cells' codes
+        net.set_kv_cache(2, max_seq_length=ids.shape[1], device=device, dtype=dtype)
+        steps = [net(ids[:, p : p + 2], input_pos=torch.arange(p, p + 2, device=device), input_pos_maxp1=p + 2)[:, -1]
+                 for p in range(0, ids.shape[1] - 1, 2)]
+        net.clear_kv_cache()
+    cached = torch.stack(steps, 1).float()
+    assert cached.shape == full.shape == (2, N, LAYOUT.padded_vocab_size)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2 * full.abs().max().item()  # bf16: 8 bits; 1.6 % seen on a CPU
+    torch.testing.assert_close(cached, full, atol=tol, rtol=0)
+
+
+def test_guidance_one_is_the_unguided_path(model, monkeypatch, device, on_device):
+    model = on_device(model, device)
     calls = record_calls(model, monkeypatch)
     plain = generate(model, [1, 2], layout=LAYOUT, seed=3)
     assert {idx.shape[0] for idx, _ in calls} == {2}  # no doubled batch
@@ -89,10 +110,11 @@ def test_guidance_one_is_the_unguided_path(model, monkeypatch):
     torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=1e-5)
 
 
-def test_seed_reproduces_a_batch(model):
+def test_seed_reproduces_a_batch(model, device, on_device):
+    model = on_device(model, device)
     kw = dict(layout=LAYOUT, guidance=2.0, temperature=1.2, top_k=8, top_p=0.9, order="random", steps=6)
     a = generate(model, [0, 1, 2, 0], seed=7, **kw)
-    assert torch.equal(a, generate(model, [0, 1, 2, 0], seed=torch.Generator().manual_seed(7), **kw))
+    assert torch.equal(a, generate(model, [0, 1, 2, 0], seed=torch.Generator(device).manual_seed(7), **kw))
     assert not torch.equal(a, generate(model, [0, 1, 2, 0], seed=8, **kw))
     assert a.shape == (4, 4, 4) and a.dtype == torch.long and 0 <= a.min() and a.max() < LAYOUT.codebook_size
 
@@ -133,8 +155,9 @@ def test_prepacked_weights_keep_logits_and_samples(model, dtype):
 @pytest.mark.parametrize("order", [*ORDERS, "given"])
 @pytest.mark.parametrize("steps", [None, 4])
 @pytest.mark.parametrize("masked", [False, True])
-def test_every_cell_is_filled_once_in_the_training_layout(model, monkeypatch, order, steps, masked):
+def test_every_cell_is_filled_once_in_the_training_layout(model, monkeypatch, order, steps, masked, device, on_device):
     """Every call's context is the training layout of the final sample; queries cover each open cell once."""
+    model = on_device(model, device)
     if order == "given":
         order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
     known_mask = torch.zeros(4, 4, dtype=torch.bool)
@@ -169,7 +192,8 @@ def test_every_cell_is_filled_once_in_the_training_layout(model, monkeypatch, or
     assert (grid.view(2, N)[:, known_mask.view(-1)] == 5).all()
 
 
-def test_inpainting_keeps_known_cells(model):
+def test_inpainting_keeps_known_cells(model, device, on_device):
+    model = on_device(model, device)
     known = torch.randint(0, 17, (3, 4, 4), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     mask = torch.stack([torch.randperm(N, generator=g) < 8 for _ in range(3)]).view(3, 4, 4)  # 8 given per sample

@@ -54,7 +54,7 @@ def test_maskgit_has_the_official_layout():
     assert state["decoder.up.3.block.0.conv1.weight"].shape == (256, 512, 3, 3)  # up levels run from 4 down to 0
 
 
-def test_maskgit_loads_encodes_and_decodes(weights):
+def test_maskgit_loads_encodes_and_decodes(weights, device):
     path, state = weights
     tok = load_tokenizer("maskgit-vqgan", weights=path)
     assert isinstance(tok, ImageTokenizer)
@@ -63,6 +63,7 @@ def test_maskgit_loads_encodes_and_decodes(weights):
     assert not any(p.requires_grad for p in tok.parameters())
     assert isinstance(load_tokenizer(path), MaskGITVQGAN)  # a weights file stands for its tokenizer
 
+    tok = tok.to(device)
     codes = tok.encode(torch.rand(1, 3, 256, 256))
     assert codes.shape == (1, 16, 16) and codes.dtype == torch.long
     assert 0 <= codes.min() and codes.max() < 1024

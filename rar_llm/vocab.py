@@ -63,34 +63,14 @@ class VocabLayout:
                     f"VocabLayout has {self.num_classes} classes but {len(self.class_names)} class names"
                 )
 
-    # ---- offsets ---------------------------------------------------------------------------------
-    @property
-    def num_positions(self) -> int:
-        return self.height * self.width
-
-    @property
-    def code_offset(self) -> int:
-        return self.text_vocab_size
-
-    @property
-    def class_offset(self) -> int:
-        return self.code_offset + self.codebook_size
-
-    @property
-    def null_class(self) -> int:
-        return self.class_offset + self.num_classes
-
-    @property
-    def pos_offset(self) -> int:
-        return self.null_class + 1
-
-    @property
-    def boi(self) -> int:
-        return self.pos_offset + self.num_positions
-
-    @property
-    def eoi(self) -> int:
-        return self.boi + 1
+    # ---- offsets: the id blocks in order, each starting where the one before ends -------------------
+    num_positions = property(lambda self: self.height * self.width, doc="Cells of the grid (position tokens).")
+    code_offset = property(lambda self: self.text_vocab_size, doc="Id of code 0.")
+    class_offset = property(lambda self: self.code_offset + self.codebook_size, doc="Id of class 0.")
+    null_class = property(lambda self: self.class_offset + self.num_classes, doc="Id of the null (unconditional) class.")
+    pos_offset = property(lambda self: self.null_class + 1, doc="Id of the position token of cell 0 (raster index).")
+    boi = property(lambda self: self.pos_offset + self.num_positions, doc="Id of ``<boi>`` (begin of image).")
+    eoi = property(lambda self: self.boi + 1, doc="Id of ``<eoi>`` (end of image).")
 
     @property
     def vocab_size(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -64,6 +65,14 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
     """A litgpt state dict (memory-mapped, no pickled code), unwrapped from a training run's ``{"model": ...}``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder holds {WEIGHTS} and {CONFIG}")
+    try:  # torch's zip records carry CRC32s that torch.load does not check: a flipped byte would load
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise ValueError(f"{path}: not a torch checkpoint archive ({type(e).__name__}: {e}); the file is damaged "
+                         "or was not written by torch.save") from None
+    if damaged is not None:
+        raise ValueError(f"{path}: damaged ({damaged} fails its checksum); restore the file or use another checkpoint")
     try:
         state = torch.load(path, map_location=device, mmap=True, weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, or pickled code weights_only refuses
@@ -112,6 +121,9 @@ def load_checkpoint(
     elif not isinstance(layout, VocabLayout):
         layout = VocabLayout.load(layout)
     layout.check_model(config, where=str(checkpoint_dir))
+    if config.block_size < layout.seq_len:
+        raise ValueError(f"{checkpoint_dir / CONFIG}: block_size {config.block_size} is shorter than the layout's "
+                         f"{layout.seq_len}-token image sequence; set block_size >= {layout.seq_len}")
     state = read_weights(checkpoint_dir / WEIGHTS)
     check_weights(config, state, str(checkpoint_dir / WEIGHTS))
     return config, layout, state

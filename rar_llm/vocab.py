@@ -163,7 +163,7 @@ class VocabLayout:
             raise ValueError(f"{source}: layout is missing {sorted(missing)}")
         try:
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: malformed layout ({e})") from None
 
     @classmethod

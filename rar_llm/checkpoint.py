@@ -10,11 +10,13 @@ class_id)`` needs nothing else.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 from litgpt.config import Config
 from litgpt.model import GPT
 
@@ -124,9 +126,26 @@ def load_checkpoint(
     if config.block_size < layout.seq_len:
         raise ValueError(f"{checkpoint_dir / CONFIG}: block_size {config.block_size} is shorter than the layout's "
                          f"{layout.seq_len}-token image sequence; set block_size >= {layout.seq_len}")
+    check_training_data(checkpoint_dir, layout)
     state = read_weights(checkpoint_dir / WEIGHTS)
     check_weights(config, state, str(checkpoint_dir / WEIGHTS))
     return config, layout, state
+
+
+def check_training_data(checkpoint_dir: Path, layout: VocabLayout) -> None:
+    """A litgpt training output names its data folder (``hyperparameters.yaml``); where that folder is
+    still there, its grid, codebook and classes must be the layout's. The weights cannot tell a 4x16
+    layout from the 8x8 one they were trained on (both have 64 position tokens); the data can."""
+    path = checkpoint_dir / "hyperparameters.yaml"
+    if not path.is_file():
+        return
+    try:
+        data_dir = yaml.safe_load(path.read_text())["data"]["init_args"]["data_dir"]
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    except Exception:  # no data module with a data_dir, or the data has moved: nothing to check against
+        return
+    if isinstance(meta, dict):
+        layout.check_meta(meta, where=f"{checkpoint_dir} (trained on {data_dir}, per {path.name})")
 
 
 def context_length(layout: VocabLayout, config: Config) -> int:

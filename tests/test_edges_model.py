@@ -217,3 +217,15 @@ def test_fuzz_checkpoint_and_export_folders(tiny_checkpoint, hf_folder, tmp_path
         shutil.rmtree(hf)
     print(f"fuzz: {cases} cases, outcomes {outcomes}")
     assert cases == 90 and outcomes.get("error", 0) > 40
+
+
+def test_a_layout_edited_to_another_grid_of_as_many_cells_is_caught(tmp_path, digits_dir, tiny_checkpoint):
+    """The weights cannot tell 4x16 from 8x8; a training output names its data, which can."""
+    ckpt = copy(tiny_checkpoint, tmp_path)
+    (ckpt / "hyperparameters.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"data_dir": str(digits_dir)}}}))
+    assert rar_llm.load_model(ckpt).layout.height == 8
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["rar_layout"] |= {"height": 4, "width": 16}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"layout does not describe the data \(height \(8 vs 4\), width \(8 vs 16\)"):
+        rar_llm.load_model(ckpt)

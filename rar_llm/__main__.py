@@ -21,7 +21,8 @@ def commands() -> dict:
     from rar_llm.evaluate import evaluate_cli
     from rar_llm.export import export, import_hf
     from rar_llm.init import init
-    from rar_llm.prepare import digits, import_jsonl, tokenize
+    from rar_llm.jsonl import import_jsonl
+    from rar_llm.prepare import digits, tokenize
     from rar_llm.sample import sample
 
     return {

@@ -7,7 +7,7 @@ uninterrupted run would have written.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from rar_llm.shards import META, ShardWriter, read_meta
+from rar_llm.shards import ShardWriter, check_resume, positive_int
 from rar_llm.tokenizers import ImageTokenizer, load_tokenizer
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -40,6 +40,8 @@ def digits(out_dir: Path = Path("data/digits"), val_fraction: float = 0.2, seed:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise ImportError("the digits data ships with scikit-learn: pip install 'rar-llm[digits]'") from e
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     d = load_digits()
     codes = d.images.astype(np.int64).reshape(-1, 8, 8)
     labels = d.target.astype(np.int64)
@@ -54,19 +56,6 @@ def digits(out_dir: Path = Path("data/digits"), val_fraction: float = 0.2, seed:
         w.add("val", codes[val], labels[val])
     print(f"Wrote {int((~val).sum())} train and {int(val.sum())} val digits to {out_dir}")
     return Path(out_dir)
-
-
-def _check_resume(out_dir: Path, info: dict, keys: tuple[str, ...]) -> None:
-    """Refuse to resume a folder written with settings that would change which samples go where."""
-    if not (out_dir / META).is_file():
-        return
-    old = read_meta(out_dir)["info"]
-    for key in keys:
-        if old.get(key) != info[key]:
-            raise ValueError(
-                f"{out_dir / META}: cannot resume, {key} was {old.get(key)!r} there but is {info[key]!r} now; "
-                "resume with the same settings or write to a new folder"
-            )
 
 
 # ---- image folders ---------------------------------------------------------------------------------
@@ -98,6 +87,15 @@ def list_images(image_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             )
         items += [(p, label) for p in found]
     return classes, items
+
+
+def image_list_digest(train: list[tuple[Path, int]], root: Path, val: list[tuple[Path, int]], val_root: Path) -> str:
+    """SHA-256 of the (class id, relative path) lists: what a resumed ``tokenize`` must find again."""
+    h = hashlib.sha256()
+    for split, items, base in (("train", train, root), ("val", val, val_root)):
+        for path, label in items:
+            h.update(b"%s\t%d\t%s\n" % (split.encode(), label, os.fsencode(Path(path).relative_to(base))))
+    return h.hexdigest()
 
 
 def center_crop_adm(img: Image.Image, size: int) -> Image.Image:
@@ -133,6 +131,30 @@ def views(img: Image.Image, size: int, crop: str, flip: bool) -> list[Image.Imag
     return out + five_crop(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size) if flip else out
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as 8-bit ``mode`` (``L`` or ``RGB``); 16-bit greys are scaled to 8 bits, not clipped.
+
+    PIL's ``convert`` clips 16-bit greys (PNG, TIFF, PGM with more than 8 bits: modes ``I;16``, ``I``)
+    at 255, which turns almost every pixel white; here 0..65535 maps to 0..255. Floating-point
+    pixels (mode ``F``) have no standard range and are refused (ValueError), as are integers outside
+    16 bits.
+    """
+    img.load()  # the caller may close the file once this returns
+    if img.mode in SIXTEEN_BIT:
+        a = np.asarray(img)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(
+                f"mode {img.mode} pixels span {a.min()}..{a.max()}, more than 16 bits; save the image with 8 or 16 bits"
+            )
+        img = Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError("floating-point pixels (mode F) have no standard range; save the image with 8 or 16 bits")
+    return img if img.mode == mode else img.convert(mode)
+
+
 class ImageViews(Dataset):
     """Item i: image i's views as uint8 ``(m, H, W, C)`` and no error, or None and why it cannot be read.
 
@@ -149,7 +171,7 @@ class ImageViews(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray | None, str | None]:
         try:
             with Image.open(self.items[i][0]) as img:
-                img = img.convert(self.mode)
+                img = to_8bit(img, self.mode)
         except Exception as e:  # PIL raises many types for broken files; all mean "unreadable"
             return None, f"{type(e).__name__}: {e}"
         arrays = [np.asarray(v) for v in views(img, self.size, self.crop, self.flip)]
@@ -233,6 +255,7 @@ def tokenize(
     device: str | None = None,
     num_workers: int = 4,
     shard_size: int = 65536,
+    allow_empty: bool = False,
 ) -> Path:
     """Encode an image folder (one subfolder per class) into shards of codes.
 
@@ -259,10 +282,16 @@ def tokenize(
         device: where to encode (default: CUDA when present, else CPU).
         num_workers: processes decoding and cropping images.
         shard_size: samples per shard file.
+        allow_empty: finish even if no image could be read (otherwise zero samples is an error).
     """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     if crop not in ("adm", "tencrop"):
         raise ValueError(f"crop must be 'adm' or 'tencrop', got {crop!r}")
+    positive_int("batch_size", batch_size)
+    positive_int("shard_size", shard_size)
+    positive_int("num_workers", num_workers, minimum=0)
+    if image_size is not None:
+        positive_int("image_size", image_size)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -297,9 +326,13 @@ def tokenize(
         "flip": flip,
         "val": str(Path(val_dir).resolve()) if val_dir is not None else val_fraction,
         "samples_per_image": per_image,
+        "images": {"train": len(train_items), "val": len(val_items)},
+        "image_list_sha256": image_list_digest(
+            train_items, image_dir, val_items, Path(val_dir) if val_dir is not None else image_dir
+        ),
     }
     if resume:
-        _check_resume(out_dir, info, ("source", "tokenizer", "image_size", "crop", "flip", "val"))
+        check_resume(out_dir, info, ("source", "tokenizer", "image_size", "crop", "flip", "val", "image_list_sha256"))
     skipped = []
     with ShardWriter(
         out_dir, tok.codebook_size, *tok.grid, len(classes), classes, shard_size=shard_size, resume=resume, info=info
@@ -310,120 +343,15 @@ def tokenize(
         ):
             dataset = ImageViews(split_items, size, tok.channels, crop_, flip_)
             skipped += _tokenize_split(w, split, dataset, m, tok, batch_size, num_workers, dev, skip_bad)
+        w.close()
+        if not allow_empty and not w.num_samples("train") + w.num_samples("val"):
+            raise ValueError(
+                f"{image_dir}: no image could be read ({len(skipped)} skipped), so {out_dir} would hold no samples; "
+                "fix the images, or pass allow_empty=True (--allow_empty true)"
+            )
     counts = {s: w.num_samples(s) for s in ("train", "val")}
     print(f"Wrote {counts['train']} train and {counts['val']} val samples of {len(classes)} classes to {out_dir}")
     if skipped:
         more = " ..." if len(skipped) > 5 else ""
         print(f"Skipped {len(skipped)} unreadable images: {', '.join(map(str, skipped[:5]))}{more}")
-    return out_dir
-
-
-# ---- RAR's released jsonl ------------------------------------------------------------------------------
-
-
-def _parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: int) -> tuple[int, np.ndarray]:
-    """One ``{"class_id": int, "tokens": [ints]}`` line; ValueError says what is wrong with it."""
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise ValueError(f"not JSON ({e})") from None
-    if not isinstance(obj, dict) or "class_id" not in obj or "tokens" not in obj:
-        raise ValueError('expected an object {"class_id": int, "tokens": [ints]}')
-    label, tokens = obj["class_id"], obj["tokens"]
-    if type(label) is not int or not 0 <= label < num_classes:
-        raise ValueError(f"class_id {label!r} is not an integer in 0..{num_classes - 1}")
-    try:
-        codes = np.array(tokens) if isinstance(tokens, list) else None
-    except (ValueError, OverflowError):
-        codes = None
-    if codes is None or codes.shape != (num_tokens,) or codes.dtype.kind not in "iu":
-        raise ValueError(f"tokens is not a list of {num_tokens} integers")
-    if codes.min() < 0 or codes.max() >= codebook_size:
-        bad = codes[(codes < 0) | (codes >= codebook_size)][0]
-        raise ValueError(f"token {bad} is outside the codebook 0..{codebook_size - 1}")
-    return label, codes
-
-
-def import_jsonl(
-    jsonl: Path,
-    out_dir: Path,
-    val_every: int = 1280,
-    codebook_size: int = 1024,
-    grid: int = 16,
-    num_classes: int = 1000,
-    tokenizer: str = "maskgit-vqgan",
-    skip_bad: bool = False,
-    resume: bool = False,
-    shard_size: int = 65536,
-    chunk: int = 4096,
-) -> Path:
-    """Stream RAR's released pre-tokenized ImageNet (``maskgitvq.jsonl``) into shards, in constant memory.
-
-    Val split: every ``val_every``-th line (the val_every-th, 2*val_every-th, ...) goes to ``val``
-    instead of ``train``: spread over the whole file, hence over every class; 1280 holds out about
-    10,000 of the 12.8M lines. A line is one crop of an image whose other crops stay in train, so
-    val tracks fit on held-out crops rather than unseen images; for that, tokenize ImageNet's own
-    val folder with ``rar-llm tokenize``.
-
-    Args:
-        jsonl: the file; each line ``{"class_id": int, "tokens": [grid*grid ints]}``.
-        out_dir: the data folder to write.
-        val_every: hold out every this-many-th line as val; 0: no val split.
-        codebook_size, grid, num_classes: of the tokenizer and data (RAR's: 1024, 16, 1000).
-        tokenizer: recorded in ``meta.json`` so generation decodes with the tokenizer that made the codes.
-        skip_bad: skip malformed lines (and report how many) instead of stopping at the first.
-        resume: continue an interrupted import in ``out_dir`` (same ``val_every``).
-        shard_size: samples per shard file.
-        chunk: lines parsed before they are handed to the shard writer.
-    """
-    jsonl, out_dir = Path(jsonl), Path(out_dir)
-    if not jsonl.is_file():
-        raise FileNotFoundError(f"{jsonl} not found; download maskgitvq.jsonl from huggingface.co/yucornetto/RAR")
-    if val_every < 0 or val_every == 1:
-        raise ValueError(f"val_every must be 0 (no val) or >= 2, got {val_every}")
-    info = {"source": str(jsonl.resolve()), "tokenizer": tokenizer, "val_every": val_every}
-    if resume:
-        _check_resume(out_dir, info, ("val_every",))
-    skipped = 0
-    with ShardWriter(
-        out_dir, codebook_size, grid, grid, num_classes, shard_size=shard_size, resume=resume, info=info
-    ) as w:
-        start = {split: w.resume_position(split) for split in ("train", "val")}  # earlier lines are written
-        pending: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "val": ([], [], [])}
-
-        def hand_over(split: str) -> None:
-            codes, labels, positions = pending[split]
-            if codes:
-                w.add(split, np.stack(codes).reshape(-1, grid, grid), np.array(labels), np.array(positions))
-                pending[split] = ([], [], [])
-
-        with open(jsonl, "rb") as f, tqdm(
-            total=jsonl.stat().st_size, unit="B", unit_scale=True, desc=jsonl.name, dynamic_ncols=True
-        ) as bar:
-            for index, line in enumerate(f):
-                bar.update(len(line))
-                split = "val" if val_every and (index + 1) % val_every == 0 else "train"
-                if index < start[split] or not line.strip():
-                    continue
-                try:
-                    label, codes = _parse_line(line, grid * grid, codebook_size, num_classes)
-                except ValueError as e:
-                    if not skip_bad:
-                        raise ValueError(
-                            f"{jsonl} line {index + 1}: {e}; fix the line "
-                            "or pass skip_bad=True (--skip_bad true) to skip malformed lines"
-                        ) from None
-                    skipped += 1
-                    continue
-                split_codes, split_labels, split_positions = pending[split]
-                split_codes.append(codes)
-                split_labels.append(label)
-                split_positions.append(index)
-                if len(split_codes) >= chunk:
-                    hand_over(split)
-        hand_over("train")
-        hand_over("val")
-    print(f"Wrote {w.num_samples('train')} train and {w.num_samples('val')} val samples to {out_dir}")
-    if skipped:
-        print(f"Skipped {skipped} malformed lines of {jsonl}")
     return out_dir

@@ -30,7 +30,19 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum``; else ValueError naming the setting (``--name``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _is_count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def read_meta(data_dir: Path | str) -> dict:
+    """``meta.json`` of a data folder, checked against what the readers assume (ValueError names the file)."""
     data_dir = Path(data_dir)
     path = data_dir / META
     if not path.is_file():
@@ -39,15 +51,71 @@ def read_meta(data_dir: Path | str) -> dict:
             "`rar-llm tokenize`, `rar-llm import-jsonl` or `rar-llm digits`"
         )
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the folder is corrupt, re-create it") from e
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the folder is corrupt, re-create it") from e
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e})") from e
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; the folder is corrupt or from another tool, re-create it")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("codebook_size", "height", "width", "num_classes", "splits"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}; the folder is corrupt, re-create it")
+    for key in ("codebook_size", "height", "width", "num_classes"):
+        if not _is_count(meta[key], 1):
+            raise bad(f"{key} is {meta[key]!r}, expected a positive integer")
+    if meta.get("version", 1) != 1:
+        raise ValueError(f"{path}: version {meta.get('version')!r} is newer than this rar_llm reads; upgrade rar_llm")
+    names = meta.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or len(names) != meta["num_classes"] or not all(isinstance(n, str) for n in names)
+    ):
+        raise bad(f"class_names must be a list of {meta['num_classes']} strings (num_classes)")
+    if not isinstance(meta.get("info", {}), dict):
+        raise bad("info must be a JSON object")
+    dtype = meta.get("code_dtype", "uint16")
+    if dtype not in ("uint16", "int32", "uint32", "uint8"):
+        raise bad(f"code_dtype {dtype!r} is not an integer type rar_llm writes (uint16, int32)")
+    splits = meta["splits"]
+    if not isinstance(splits, dict):
+        raise bad("splits must be a JSON object of split name -> list of shards")
+    for split, shards in splits.items():
+        if not isinstance(shards, list):
+            raise bad(f"split {split!r} must be a list of shards")
+        for entry in shards:
+            if not isinstance(entry, dict):
+                raise bad(f"split {split!r} lists {entry!r}, expected an object with file and num_samples")
+            name = entry.get("file")
+            if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+                raise bad(f"split {split!r} lists shard file {name!r}, expected a plain file name in the folder")
+            if not _is_count(entry.get("num_samples"), 1):
+                raise bad(f"shard {name}: num_samples is {entry.get('num_samples')!r}, expected a positive integer")
+            if "end_position" in entry and not _is_count(entry["end_position"], 1):
+                raise bad(f"shard {name}: end_position is {entry['end_position']!r}, expected a positive integer")
     return meta
+
+
+def check_resume(out_dir: Path, info: dict, keys: tuple[str, ...]) -> None:
+    """Refuse to resume a folder written from another source or with settings that would change which
+    samples go where: each of ``keys`` in ``info`` must equal what ``meta.json`` recorded.
+
+    A folder written before a key was recorded has no value for it; that key is not compared.
+    """
+    if not (Path(out_dir) / META).is_file():
+        return
+    old = read_meta(out_dir).get("info", {})
+    for key in keys:
+        if key in old and old[key] != info[key]:
+            raise ValueError(
+                f"{Path(out_dir) / META}: cannot resume, {key} was {old[key]!r} there but is {info[key]!r} now; "
+                "resume with the same source and settings or write to a new folder"
+            )
 
 
 @dataclass
@@ -70,7 +138,12 @@ class ShardWriter:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        for name in ("codebook_size", "height", "width", "num_classes", "shard_size"):
+            setattr(self, name, positive_int(name, getattr(self, name)))
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes; give one name per class")
         self.dtype = np.uint16 if self.codebook_size <= 65536 else np.int32
+        self._created: list[Path] = []  # what this writer made, removed again if it fails before any shard
         self._buf: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
         new = {
             "format": FORMAT,
@@ -98,9 +171,20 @@ class ShardWriter:
                     )
             self.meta = old
         else:
+            if self.data_dir.exists() and not self.data_dir.is_dir():
+                raise NotADirectoryError(f"{self.data_dir} is a file; give a folder for the data")
+            if self.data_dir.is_dir():
+                stray = sorted(self.data_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].*.npy"))
+                if stray:
+                    raise FileExistsError(
+                        f"{self.data_dir} holds shard files ({stray[0].name}, ...) but no {META}; they would be "
+                        "overwritten: choose another folder or move them away"
+                    )
+            missing = [p for p in (self.data_dir, *self.data_dir.parents) if not p.exists()]
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.meta = new
             _write_json_atomic(self.data_dir / META, self.meta)
+            self._created = [self.data_dir / META, *missing]
 
     def num_samples(self, split: str) -> int:
         """Samples of a split already on disk (a resumed run skips that many)."""
@@ -119,6 +203,11 @@ class ShardWriter:
         """
         codes = np.asarray(codes)
         labels = np.asarray(labels).reshape(-1)
+        if codes.dtype.kind not in "iu" or labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"codes and class ids must be integer arrays, got {codes.dtype} and {labels.dtype}; "
+                "convert them exactly (a float code is not a code)"
+            )
         if codes.ndim == 2:
             codes = codes[None]
         if codes.shape[1:] != (self.height, self.width) or codes.shape[0] != labels.shape[0]:
@@ -173,6 +262,24 @@ class ShardWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove what this writer created (``meta.json``, new folders) if it wrote no shard yet.
+
+        A run that fails before its first shard leaves nothing behind, so it can simply be rerun;
+        once a shard exists, the folder stays for ``resume``.
+        """
+        if not self._created or any(self.meta["splits"].values()):
+            return
+        self._created[0].unlink(missing_ok=True)
+        for folder in self._created[1:]:
+            try:
+                folder.rmdir()  # only if empty: never removes what someone else put there
+            except OSError:
+                break
+        self._created = []
 
 
 class Shards:
@@ -203,6 +310,16 @@ class Shards:
                     f"{self.data_dir / (entry['file'] + '.codes.npy')}: shape {c.shape} disagrees with "
                     f"{META} ({n} samples of {H}x{W}); the file is truncated or from another run, re-create the data"
                 )
+            if c.dtype.kind != "u" and c.dtype != np.dtype(meta.get("code_dtype", "uint16")):
+                raise ValueError(
+                    f"{self.data_dir / (entry['file'] + '.codes.npy')}: codes are {c.dtype}, expected unsigned "
+                    f"integers ({meta.get('code_dtype', 'uint16')}); convert them exactly or re-create the data"
+                )
+            if lab.dtype.kind not in "iu":
+                raise ValueError(
+                    f"{self.data_dir / (entry['file'] + '.labels.npy')}: class ids are {lab.dtype}, expected "
+                    "integers; convert them exactly or re-create the data"
+                )
             if lab.shape != (n,):
                 raise ValueError(
                     f"{self.data_dir / (entry['file'] + '.labels.npy')}: shape {lab.shape} disagrees with "
@@ -225,8 +342,10 @@ class Shards:
             raise FileNotFoundError(f"{path} is listed in {META} but missing; re-create the data folder")
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path} is truncated or corrupt ({e}); re-create the data folder") from e
+        except Exception as e:  # numpy raises many types for a damaged header or a short file
+            raise ValueError(
+                f"{path} is truncated or corrupt ({type(e).__name__}: {e}); re-create the data folder"
+            ) from e
 
     def __len__(self) -> int:
         return int(self.ends[-1])
@@ -237,4 +356,13 @@ class Shards:
             raise IndexError(f"sample {index} outside {self.split!r} split of {len(self)}")
         s = int(np.searchsorted(self.ends, index, side="right"))
         start = int(self.ends[s - 1]) if s else 0
-        return np.asarray(self.codes[s][index - start]), int(self.labels[index])
+        codes = np.asarray(self.codes[s][index - start])
+        size = self.meta["codebook_size"]
+        if codes.size and (codes.max() >= size or codes.min() < 0):
+            bad = int(codes[(codes < 0) | (codes >= size)].flat[0])
+            name = self.meta["splits"][self.split][s]["file"] + ".codes.npy"
+            raise ValueError(
+                f"{self.data_dir / name}: {self.split} sample {index}: code {bad} is outside the codebook "
+                f"0..{size - 1} given in {META}; the data was made with another tokenizer than {META} says"
+            )
+        return codes, int(self.labels[index])

@@ -2,8 +2,8 @@
 
 ``rar_llm.generate(model, class_id)`` after ``model = rar_llm.load_model(checkpoint_dir)``. The layout
 and the training transform (``VocabLayout``, ``Permutation``, ``interleave``) need only torch and
-numpy, for a plain PyTorch or nanoGPT loop; the litgpt parts are imported when first used, and
-importing them registers the rar-* model configs with litgpt.
+numpy, for a plain PyTorch or nanoGPT loop; every name is imported on first use (the litgpt parts
+register the rar-* model configs with litgpt when they load; ``vllm_generate`` needs vLLM).
 """
 
 from __future__ import annotations
@@ -11,19 +11,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from rar_llm.decoding import RAR_PRESETS
-from rar_llm.permute import Permutation, anneal_r, interleave
-from rar_llm.vocab import VocabLayout
-
-_LAZY = {
+_LAZY = {  # name -> module; imported on first use, so `import rar_llm` itself imports nothing heavy
+    "RAR_PRESETS": "rar_llm.decoding",
+    "Permutation": "rar_llm.permute",
+    "anneal_r": "rar_llm.permute",
+    "interleave": "rar_llm.permute",
+    "VocabLayout": "rar_llm.vocab",
     "generate": "rar_llm.sampling",
     "generate_from_prompt": "rar_llm.sampling",
     "load_model": "rar_llm.checkpoint",
+    "vllm_generate": "rar_llm.vllm_batch",
 }
 
 if TYPE_CHECKING:
     from rar_llm.checkpoint import load_model
+    from rar_llm.decoding import RAR_PRESETS
+    from rar_llm.permute import Permutation, anneal_r, interleave
     from rar_llm.sampling import generate, generate_from_prompt
+    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.vocab import VocabLayout
 
 
 def __getattr__(name: str):
@@ -41,4 +47,5 @@ __all__ = [
     "generate_from_prompt",
     "interleave",
     "load_model",
+    "vllm_generate",
 ]

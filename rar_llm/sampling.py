@@ -38,6 +38,8 @@ from rar_llm.decoding import (
     Settings,
     cell_orders,
     class_ids,
+    known_cells,
+    known_first,
     guidance_scale,
     make_generator,
     parallel_schedule,
@@ -48,42 +50,6 @@ from rar_llm.textbase import encode_prompt
 from rar_llm.vocab import VocabLayout
 
 CACHE_BUDGET = 1 << 30  # bytes of KV cache per chunk of a large batch
-
-
-def known_cells(known, known_mask, batch: int, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Known codes and their mask as ``(B, H*W)``; nothing known without a grid."""
-    H, W, n = layout.height, layout.width, layout.num_positions
-    if (known is None) != (known_mask is None):
-        raise ValueError("give both known (a code grid) and known_mask (True where the cell is given), or neither")
-    if known is None:
-        return torch.zeros(batch, n, dtype=torch.long), torch.zeros(batch, n, dtype=torch.bool)
-    grid = torch.as_tensor(known).cpu()
-    mask = torch.as_tensor(known_mask).cpu()
-    if grid.is_floating_point() or grid.dtype == torch.bool:
-        raise ValueError(f"known must hold integer codes, got dtype {grid.dtype}")
-    grid = grid.long()
-    for name, t in (("known", grid), ("known_mask", mask)):
-        if t.shape not in ((H, W), (batch, H, W)):
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}; expected ({H}, {W}) or ({batch}, {H}, {W}) for this "
-                f"layout's {H}x{W} grid and {batch} samples"
-            )
-    if mask.dtype != torch.bool:
-        raise ValueError(f"known_mask must be boolean (True where the cell is given), got {mask.dtype}")
-    grid, mask = grid.expand(batch, H, W).reshape(batch, n), mask.expand(batch, H, W).reshape(batch, n)
-    bad = grid[mask][(grid[mask] < 0) | (grid[mask] >= layout.codebook_size)]
-    if bad.numel():
-        raise ValueError(
-            f"known: code {int(bad[0])} is outside the codebook 0..{layout.codebook_size - 1}; give codes made "
-            "by the tokenizer of this layout"
-        )
-    counts = mask.sum(1)
-    if (counts != counts[0]).any():
-        raise ValueError(
-            f"known_mask gives {counts.tolist()} cells per sample; every sample must know the same number "
-            "of cells (generate differently masked samples in separate calls)"
-        )
-    return grid, mask
 
 
 def _fit_context(model: GPT, need: int) -> None:
@@ -129,9 +95,7 @@ def decode_grids(
     device = model.lm_head.weight.device
     n = layout.num_positions
     known_grid, known_mask = known_cells(known, known_mask, B, layout)
-    perm = cell_orders(settings.order, B, layout, generator)
-    # given cells first (in the order's order), then the ones to generate
-    perm = perm.gather(1, torch.sort((~known_mask.gather(1, perm)).long(), dim=1, stable=True).indices)
+    perm = known_first(cell_orders(settings.order, B, layout, generator), known_mask)
     n_known = int(known_mask[0].sum())
     n_gen = n - n_known
     if n_gen == 0:

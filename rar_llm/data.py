@@ -10,7 +10,7 @@ litgpt's ``--resume`` replays the sampler through every finished batch, so the c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -168,14 +168,8 @@ class ClockedData(DataModule):
         self.data_dir = Path(self.data_dir)
         if isinstance(self.prompt_style, str):  # litgpt registers no name for its identity style
             self.prompt_style = Default() if self.prompt_style == "default" else PromptStyle.from_name(self.prompt_style)
-        self.permutation = Permutation(
-            anneal_start=self.anneal_start,
-            anneal_end=self.anneal_end,
-            r_end=self.r_end,
-            class_dropout=self.class_dropout,
-            seed=self.seed,
-            noise=self.noise,
-        )
+        # the transform's knobs are this module's fields of the same names (flat, so recipes set them directly)
+        self.permutation = Permutation(**{f.name: getattr(self, f.name) for f in fields(Permutation)})
 
     def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
         self.tokenizer = tokenizer

@@ -20,6 +20,7 @@ def commands() -> dict:
     from rar_llm.demo import demo
     from rar_llm.evaluate import evaluate_cli
     from rar_llm.export import export, import_hf
+    from rar_llm.extend import extend
     from rar_llm.init import init
     from rar_llm.jsonl import import_jsonl
     from rar_llm.prepare import digits, tokenize
@@ -28,6 +29,7 @@ def commands() -> dict:
     return {
         "demo": demo,
         "init": init,
+        "extend": extend,
         "digits": digits,
         "sample": sample,
         "tokenize": tokenize,

@@ -318,9 +318,13 @@ def append_tokens(tok: Tokenizer, tokens: list[AddedToken]) -> None:
 
 
 def layout_base(layout: VocabLayout) -> TextBase:
-    """A text layout's base tokenizer, checked to have exactly the layout's text ids."""
+    """A text layout's base tokenizer, checked to fit the layout's text ids.
+
+    A base may name fewer ids than ``text_vocab_size``: a pretrained model's embedding is often padded
+    beyond its tokenizer (``rar-llm extend`` keeps those rows), and the base never produces those ids.
+    """
     base = load_text_tokenizer(layout.text_tokenizer)
-    if base.size != layout.text_vocab_size:
+    if base.size > layout.text_vocab_size:
         raise ValueError(
             f"{layout.text_tokenizer!r} has {base.size} ids but the layout says text_vocab_size="
             f"{layout.text_vocab_size}; set text_vocab_size to {base.size}"
@@ -329,10 +333,17 @@ def layout_base(layout: VocabLayout) -> TextBase:
 
 
 def merged_hf_tokenizer(layout: VocabLayout) -> Tokenizer:
-    """The checkpoint tokenizer of a text layout: the base, then every image id's name as an added token."""
-    tok = layout_base(layout).hf()
+    """The checkpoint tokenizer of a text layout: the base, then every other id's name as an added token.
+
+    Ids the base does not name below ``text_vocab_size`` (its model's padding) are ``<text_i>``
+    special tokens; image ids get their names (``<img_3>``, ``<class_0>``, ``<pos_5>``, ``<boi>``, ...).
+    """
+    base = layout_base(layout)
+    tok = base.hf()
+    gap = [AddedToken(layout.token_name(i), special=True, normalized=False)
+           for i in range(base.size, layout.code_offset)]
     names = [layout.token_name(i) for i in range(layout.code_offset, layout.padded_vocab_size)]
-    append_tokens(tok, [AddedToken(n, special=False, normalized=False) for n in names])
+    append_tokens(tok, gap + [AddedToken(n, special=False, normalized=False) for n in names])
     return tok
 
 

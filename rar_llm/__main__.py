@@ -16,11 +16,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 def commands() -> dict:
     """Subcommand name -> function (imported here, so ``rar-llm --help`` lists them all)."""
+    from rar_llm.classifier import train_classifier
     from rar_llm.corpora import pydoc_topics, train_bpe
     from rar_llm.demo import demo
     from rar_llm.evaluate import evaluate_cli
     from rar_llm.export import export, import_hf
     from rar_llm.extend import extend
+    from rar_llm.fashion import fashion_mnist, train_vq
     from rar_llm.init import init
     from rar_llm.jsonl import import_jsonl
     from rar_llm.prepare import digits, tokenize
@@ -31,6 +33,9 @@ def commands() -> dict:
         "init": init,
         "extend": extend,
         "digits": digits,
+        "fashion-mnist": fashion_mnist,
+        "train-vq": train_vq,
+        "train-classifier": train_classifier,
         "sample": sample,
         "tokenize": tokenize,
         "import-jsonl": import_jsonl,

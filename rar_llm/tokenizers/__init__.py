@@ -22,7 +22,7 @@ def load_tokenizer(
     Args:
         name_or_path: ``"maskgit-vqgan"`` (RAR's tokenizer), ``"pixel"`` (one code per pixel),
             ``"digits"`` (17 greys on 8x8, scikit-learn's digits), or a path: a ``.npy`` palette
-            (pixel) or a MaskGIT-VQGAN state dict.
+            (pixel), a ``.safetensors`` VQ tokenizer from ``rar-llm train-vq``, or a MaskGIT-VQGAN state dict.
         weights: MaskGIT-VQGAN: the local ``maskgit-vqgan-imagenet-f16-256.bin`` (None: download it).
             pixel: a ``.npy`` palette of ``(K, C)`` colours (None: ``levels`` greys).
         image_size: pixel only: pixels (= codes) per side.
@@ -33,6 +33,13 @@ def load_tokenizer(
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(f"unknown tokenizer {name!r}: name one of {list(NAMES)} or give a weights file")
+        if path.suffix == ".safetensors":
+            from rar_llm.tokenizers.vq import VQTokenizer
+
+            tok = VQTokenizer.load(path)
+            if image_size is not None and pair(image_size) != tok.image_size:
+                raise ValueError(f"{path} takes {tok.image_size} images, not {image_size}; drop image_size")
+            return tok
         name, weights = ("pixel" if path.suffix == ".npy" else "maskgit-vqgan"), path
     if name in ("maskgit-vqgan", "digits"):
         tok = MaskGITVQGAN.from_pretrained(weights) if name == "maskgit-vqgan" else PixelTokenizer.grey(17, 8)

@@ -1,0 +1,166 @@
+"""A small CNN that classifies Fashion-MNIST (about 91 % test accuracy after 3 epochs on one CPU core).
+
+Its penultimate layer (128 values) is the feature space of the Fréchet distance and precision /
+recall that :func:`rar_llm.evaluate.evaluate` reports, in place of the digits' MLP: pass the fitted
+network as ``evaluate(..., classifier=cnn)`` (``rar-llm evaluate --classifier cnn.safetensors``).
+It trains on the original training images only; the test split measures it.
+
+    rar-llm train-classifier --out cnn.safetensors [--tokenizer vq.safetensors]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rar_llm.smallnets import read_net, save_net, shuffled_batches
+
+FORMAT = "rar_llm-cnn"
+
+
+class CNNClassifier(nn.Module):
+    """Two conv + max-pool stages, a 128-wide feature layer, a linear head; same interface as the MLP."""
+
+    def __init__(self, image_size: int = 28, num_classes: int = 10, width: int = 32, features: int = 128) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.config = {"image_size": image_size, "num_classes": num_classes, "width": width, "features": features}
+        self.image_size = image_size
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (image_size // 4) ** 2, features), nn.ReLU())
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.body(self.convs(x))))
+
+    def _inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        if x[0].numel() != self.image_size ** 2:
+            raise ValueError(f"the CNN takes grey {self.image_size}x{self.image_size} images, got {tuple(x.shape)}")
+        return x.reshape(len(x), 1, self.image_size, self.image_size)
+
+    @torch.inference_mode()
+    def _run(self, images, fn, batch_size: int = 1000) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        try:
+            return torch.cat([fn(x) for x in self._inputs(images).split(batch_size)])
+        finally:
+            self.train(was)
+
+    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, ...)`` grey images in [0, 1] -> ``(N, features)`` float64 penultimate activations."""
+        return self._run(images, lambda x: self.body(self.convs(x))).double().numpy()
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, ...)`` grey images in [0, 1] -> ``(N,)`` class ids."""
+        return self._run(images, lambda x: self(x).argmax(1)).numpy()
+
+    def accuracy(self, images, labels) -> float:
+        return float((self.predict(images) == np.asarray(labels)).mean())
+
+    def save(self, path: Path | str, report: dict | None = None) -> Path:
+        return save_net(self, path, FORMAT, self.config, report)
+
+    @classmethod
+    def load(cls, path: Path | str) -> CNNClassifier:
+        state, config, report = read_net(path, FORMAT, "CNN classifier", "train-classifier")
+        model = cls(**config)
+        model.load_state_dict(state)
+        model.report = report
+        return model.eval().requires_grad_(False)
+
+
+def fit_cnn(
+    train_images: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int = 10,
+    epochs: float = 3.0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 100,
+) -> CNNClassifier:
+    """Train the CNN on grey images ``(N, ...)`` in [0, 1] (one-cycle cosine AdamW, random 1-pixel shifts
+    and horizontal flips as augmentation). The global torch RNG is left as it was."""
+    x = torch.as_tensor(np.asarray(train_images, dtype=np.float32))
+    side = int(round(x[0].numel() ** 0.5))
+    x = x.reshape(len(x), 1, side, side)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    steps = max(1, round(epochs * len(x) / batch_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = CNNClassifier(side, num_classes)
+        opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+        g = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        clf.train()
+        for step, idx in zip(range(steps), shuffled_batches(len(x), batch_size, g)):
+            xb = x[idx]
+            flip = torch.rand(len(xb), generator=g) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            dy, dx = torch.randint(-1, 2, (2,), generator=g).tolist()
+            xb = torch.roll(xb, (dy, dx), (2, 3))
+            loss = F.cross_entropy(clf(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"classifier step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+    return clf.eval()
+
+
+def train_classifier(
+    out: Path,
+    source_dir: Path | None = None,
+    tokenizer: Path | None = None,
+    epochs: float = 3.0,
+    seed: int = 0,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Train the evaluation CNN on Fashion-MNIST's training images; report its test accuracy.
+
+    With ``tokenizer`` (a ``rar-llm train-vq`` file) it also reports the accuracy on the test images
+    after a round trip through the tokenizer, and their PSNR: what the tokenizer loses.
+    Writes ``out`` (safetensors) and its ``.json`` report.
+    """
+    from rar_llm.fashion import load_split, to_float
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite true or another --out")
+    if threads:
+        torch.set_num_threads(threads)
+    images, labels = load_split(source_dir, "train")
+    test_images, test_labels = load_split(source_dir, "test")
+    t0 = time.perf_counter()
+    clf = fit_cnn(to_float(images), labels, epochs=epochs, seed=seed)
+    report = {"test_accuracy": clf.accuracy(to_float(test_images), test_labels),
+              "train_seconds": round(time.perf_counter() - t0), "epochs": epochs, "seed": seed}
+    if tokenizer is not None:
+        from rar_llm.tokenizers.vq import VQTokenizer, reconstruction_report
+
+        tok = VQTokenizer.load(tokenizer)
+        rec_report, rec = reconstruction_report(tok, to_float(test_images))
+        report |= {"reconstructed_test_accuracy": clf.accuracy(rec, test_labels), "tokenizer": str(tokenizer),
+                   "tokenizer_test": rec_report}
+    clf.save(out, report)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    print(f"Wrote {out}")
+    return report

@@ -1,0 +1,56 @@
+"""What the small networks trained here share (the VQ tokenizer, the evaluation CNN): a safetensors file
+that carries the network's settings and training figures, and an endless stream of shuffled batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+def save_net(net: torch.nn.Module, path: Path | str, fmt: str, config: dict, report: dict | None = None) -> Path:
+    """Weights plus settings (safetensors metadata ``format``, ``config``, ``report``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": fmt, "config": json.dumps(config)}
+    if report is not None:
+        meta["report"] = json.dumps(report)
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def read_net(path: Path | str, fmt: str, what: str, command: str) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+    """``(state, config, report)`` of a file written by ``save_net``; any other file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}; train one with `rar-llm {command} --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a rar_llm {what} (metadata format {meta.get('format')!r}, expected "
+                         f"{fmt!r}); train one with `rar-llm {command}`")
+    try:
+        config, report = json.loads(meta["config"]), json.loads(meta["report"]) if "report" in meta else None
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged settings in its metadata ({e}); retrain with `rar-llm {command}`") from None
+    return state, config, report
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches over ``n`` samples, reshuffled each pass, forever (a run ends by its step count)."""
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx

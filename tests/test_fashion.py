@@ -1,0 +1,212 @@
+"""Fashion-MNIST import (on IDX files the tests write), the learned VQ tokenizer, the CNN, reAR's noisy context."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vector_quantize_pytorch")
+
+from rar_llm.classifier import CNNClassifier, fit_cnn  # noqa: E402
+from rar_llm.data import RARData  # noqa: E402
+from rar_llm.fashion import FILES, fashion_mnist, load_split, read_idx  # noqa: E402
+from rar_llm.permute import Permutation  # noqa: E402
+from rar_llm.shards import Shards, read_meta  # noqa: E402
+from rar_llm.tokenizers import load_tokenizer  # noqa: E402
+from rar_llm.fashion import train_vq  # noqa: E402
+from rar_llm.tokenizers.vq import VQTokenizer  # noqa: E402
+from rar_llm.vocab import VocabLayout  # noqa: E402
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    array = np.asarray(array, dtype=np.uint8)
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def fake_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class shows as a bright bar at a class-dependent row, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 60, (n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 250
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_set(folder, n_train=40, n_test=20, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = fake_images(n, seed)
+        for name, arr in zip(FILES[split], (images, labels)):
+            data = idx_bytes(arr)
+            if gz:
+                (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_set(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="module")
+def vq_file(tmp_path_factory, idx_dir):
+    """A tokenizer trained for a few steps on the fake set (k-means-initialised codebook)."""
+    path = tmp_path_factory.mktemp("vq") / "vq.safetensors"
+    torch.manual_seed(0)
+    train_vq(path, source_dir=idx_dir, codebook_size=16, grid=7, width=8, dim=8, epochs=2, batch_size=20)
+    return path
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_reads_gzip_and_raw_idx(tmp_path, gz):
+    folder = write_set(tmp_path / "d", gz=gz)
+    images, labels = load_split(folder, "train")
+    want_images, want_labels = fake_images(40, 0)
+    assert images.shape == (40, 28, 28) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+    assert load_split(folder, "test")[0].shape == (20, 28, 28)
+
+
+def test_bad_files_give_one_clear_error_naming_them(tmp_path):
+    folder = write_set(tmp_path / "d", gz=False)
+    path = folder / "train-images-idx3-ubyte"
+    good = path.read_bytes()
+
+    path.write_bytes(good[:-100])  # truncated
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: truncated"):
+        load_split(folder, "train")
+    path.write_bytes(b"\x00\x00\x0d\x03" + good[4:])  # wrong type byte (float)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: not an IDX file"):
+        load_split(folder, "train")
+    path.write_bytes(b"GIF89a" + good)  # not IDX at all
+    with pytest.raises(ValueError, match="magic number"):
+        read_idx(path)
+    path.write_bytes(good[:10])  # truncated header
+    with pytest.raises(ValueError, match="truncated IDX header"):
+        read_idx(path)
+    path.write_bytes(good + b"\x00")  # trailing bytes
+    with pytest.raises(ValueError, match="longer than its header"):
+        read_idx(path)
+    path.write_bytes(gzip.compress(good)[:-50])  # a damaged gzip stream
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: not a readable gzip"):
+        read_idx(path)
+    path.write_bytes(good)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(39)))  # counts disagree
+    with pytest.raises(ValueError, match="40 images but .* 39 labels"):
+        load_split(folder, "train")
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((40, 1))))  # wrong dimensions
+    with pytest.raises(ValueError, match="2 dimensions, expected 1"):
+        load_split(folder, "train")
+
+
+def test_missing_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_split(tmp_path / "nowhere", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*apt-get install"):
+        load_split(tmp_path / "empty", "train")
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    from rar_llm.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fashion-mnist", "--out_dir", str(tmp_path / "o"), "--source_dir", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rar-llm fashion-mnist: error:") and "apt-get install" in err and "\n" not in err
+
+
+def test_vq_tokenizer_round_trips_its_saved_weights(vq_file, tmp_path, idx_dir):
+    tok = load_tokenizer(vq_file)
+    assert isinstance(tok, VQTokenizer) and tok.codebook_size == 16 and tok.grid == (7, 7)
+    assert tok.report["num_images"] == 20 and 0 < tok.report["utilisation"] <= 1
+    images = torch.from_numpy(load_split(idx_dir, "test")[0]).float().div(255).unsqueeze(1)
+    codes = tok.encode(images)
+    assert codes.shape == (20, 7, 7) and codes.dtype == torch.long
+    assert len(codes.unique()) > 1  # the trained codebook is used, not collapsed to one code
+    pixels = tok.decode(codes)
+    assert pixels.shape == (20, 1, 28, 28) and 0 <= pixels.min() and pixels.max() <= 1
+    again = VQTokenizer.load(tok.save(tmp_path / "copy.safetensors"))
+    assert torch.equal(again.encode(images), codes)
+    assert torch.equal(again.decode(codes), pixels)
+    for k, v in tok.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_tokenizer(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode(torch.full((1, 7, 7), 16))
+
+
+def test_import_writes_train_and_the_held_out_test_split(vq_file, idx_dir, tmp_path):
+    out = fashion_mnist(tmp_path / "data", tokenizer=str(vq_file), source_dir=idx_dir)
+    meta = read_meta(out)
+    assert (meta["codebook_size"], meta["height"], meta["width"], meta["num_classes"]) == (16, 7, 7, 10)
+    assert len(Shards(out, "train")) == 40 and len(Shards(out, "val")) == 20
+    tok = load_tokenizer(vq_file)
+    test = torch.from_numpy(load_split(idx_dir, "test")[0]).float().div(255).unsqueeze(1)
+    val = np.stack([Shards(out, "val")[i][0] for i in range(20)])
+    np.testing.assert_array_equal(val, tok.encode(test).numpy())  # val is exactly the test split
+    pixel = fashion_mnist(tmp_path / "pixel", tokenizer="pixel", source_dir=idx_dir)
+    assert read_meta(pixel)["height"] == 28 and read_meta(pixel)["codebook_size"] == 256
+
+
+def test_cnn_saves_loads_and_serves_evaluate(vq_file, idx_dir, tmp_path):
+    from rar_llm.evaluate import evaluate
+
+    images, labels = load_split(idx_dir, "train")
+    x = images.astype(np.float32) / 255
+    clf = fit_cnn(x, labels, epochs=3, batch_size=20, log_every=0)
+    again = CNNClassifier.load(clf.save(tmp_path / "cnn.safetensors", {"note": 1}))
+    np.testing.assert_array_equal(again.features(x), clf.features(x))
+    assert again.report == {"note": 1} and again.features(x).shape == (40, 128)
+    data = fashion_mnist(tmp_path / "data", tokenizer=str(vq_file), source_dir=idx_dir)
+    codes = np.stack([Shards(data, "val")[i][0] for i in range(20)])
+    m = evaluate(codes, np.arange(20) % 10, data, tokenizer=load_tokenizer(vq_file), classifier=again)
+    for key in ("fd_features", "precision", "recall", "consistency", "copies", "nn_distance"):
+        assert key in m and key in m["real"]
+    assert m["copies"] == 0.0
+
+
+def test_noisy_context_changes_inputs_only():
+    layout = VocabLayout(256, 7, 7, 10)
+    codes = np.random.default_rng(0).integers(0, 256, (7, 7))
+    clean, noisy = Permutation(seed=3), Permutation(seed=3, noise=0.25)
+    changed, total = 0, 0
+    for draw in range(400):
+        for progress in (0.0, 0.9):  # random orders, then raster
+            ids0, lab0 = clean(layout, 4, codes, progress, draw)
+            ids1, lab1 = noisy(layout, 4, codes, progress, draw)
+            np.testing.assert_array_equal(lab1, lab0)  # labels keep the true codes
+            diff = np.flatnonzero(ids1 != ids0)
+            assert np.all(diff % 2 == 0) and np.all(diff >= 2)  # only code slots (2, 4, ...)
+            codes_in = ids1[2::2]
+            assert np.all((codes_in >= layout.code_offset) & (codes_in < layout.code_offset + 256))
+            changed += len(diff)
+            total += layout.num_positions
+    rate = changed / total  # 0.25 * (1 - 1/256): a random code can equal the true one
+    assert abs(rate - 0.25 * 255 / 256) < 0.01
+
+
+def test_noise_is_plumbed_through_the_data_module_and_checked(tmp_path):
+    assert RARData(data_dir=tmp_path, total_samples=10, noise=0.3).permutation.noise == 0.3
+    assert RARData(data_dir=tmp_path, total_samples=10).permutation.noise == 0.0
+    with pytest.raises(ValueError, match="noise must be in"):
+        Permutation(noise=1.0)
+    # the noisy run's order and class dropout equal the clean run's (test above: only code slots differ),
+    # so noise=0 draws nothing extra and earlier runs reproduce
+
+
+def test_train_vq_report(vq_file):
+    report = json.loads(vq_file.with_suffix(".json").read_text())
+    for key in ("psnr_db", "utilisation", "perplexity", "codes_used", "train_utilisation"):
+        assert key in report
+    assert report["config"]["codebook_size"] == 16

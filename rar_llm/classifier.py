@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rar_llm.smallnets import read_net, save_net, shuffled_batches
+from rar_llm.smallnets import load_net, save_net, shuffled_batches
 
 FORMAT = "rar_llm-cnn"
 
@@ -75,11 +75,8 @@ class CNNClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: Path | str) -> CNNClassifier:
-        state, config, report = read_net(path, FORMAT, "CNN classifier", "train-classifier")
-        model = cls(**config)
-        model.load_state_dict(state)
-        model.report = report
-        return model.eval().requires_grad_(False)
+        """A network written by :meth:`save`; any other file raises a ValueError naming it."""
+        return load_net(cls, path, FORMAT, "CNN classifier", "train-classifier")
 
 
 def fit_cnn(

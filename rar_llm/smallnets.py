@@ -46,6 +46,19 @@ def read_net(path: Path | str, fmt: str, what: str, command: str) -> tuple[dict[
     return state, config, report
 
 
+def load_net(cls, path: Path | str, fmt: str, what: str, command: str):
+    """A ``cls(**config)`` with the file's weights (checked whole), its ``report`` attached, in eval mode."""
+    state, config, report = read_net(path, fmt, what, command)
+    try:
+        net = cls(**config)
+        net.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: the weights do not fit a {what} ({str(e).splitlines()[0][:200]}); "
+                         f"retrain with `rar-llm {command}`") from None
+    net.report = report
+    return net.eval().requires_grad_(False)
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches over ``n`` samples, reshuffled each pass, forever (a run ends by its step count)."""
     order = torch.empty(0, dtype=torch.long)

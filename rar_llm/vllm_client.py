@@ -113,22 +113,18 @@ def _orders(order, batch: int, layout: Layout, rng: np.random.Generator) -> np.n
 
 
 def generate(
-    url: str,
-    class_ids: list[int],
-    layout: Layout,
-    model: str,
-    guidance: float = 1.0,
-    schedule: str = "constant",
-    power: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    order="raster",
-    seed: int | None = None,
-    timeout: float = 600,
-    workers: int = 64,
+    url: str, class_ids: list[int], layout: Layout, model: str, *, order="raster", seed: int | None = None,
+    timeout: float = 600, workers: int = 64, **settings,
 ) -> np.ndarray:
-    """``(B, H, W)`` codes for ``class_ids`` from the server; raises ``UnpairedGuidanceError`` if a pair split."""
+    """``(B, H, W)`` codes for ``class_ids`` from the server; raises ``UnpairedGuidanceError`` if a pair split.
+
+    ``settings``: ``rar_llm.generate``'s guidance, schedule, power, temperature, top_k, top_p; sent as
+    ``rar_<name>`` and checked by the server's processor (a bad value comes back as HTTP 400).
+    """
+    unknown = set(settings) - {"guidance", "schedule", "power", "temperature", "top_k", "top_p"}
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; use guidance, schedule, power, temperature, top_k, top_p")
+    guidance = float(settings.get("guidance", 1.0))
     for c in class_ids:
         if not 0 <= c < layout.num_classes:
             raise ValueError(f"class id {c} is outside 0..{layout.num_classes - 1}")
@@ -139,11 +135,8 @@ def generate(
     n = layout.num_positions
     jobs = []
     for b, c in enumerate(class_ids):
-        xargs = {"rar_order": perm[b].tolist(), "rar_guidance": float(guidance), "rar_schedule": schedule,
-                 "rar_power": float(power), "rar_temperature": float(temperature), "rar_top_p": float(top_p),
-                 "rar_seed": int(seeds[b])}
-        if top_k is not None:
-            xargs["rar_top_k"] = int(top_k)
+        xargs = {"rar_order": perm[b].tolist(), "rar_seed": int(seeds[b])}
+        xargs |= {f"rar_{k}": v for k, v in settings.items() if v is not None}
         heads = [layout.class_offset + c]
         if guidance != 1.0:
             xargs["rar_pair"] = f"{call}-{b}"
@@ -219,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     classes = [int(c) for c in str(args.class_id).split(",") for _ in range(args.num_per_class)]
     order = json.loads(args.order) if args.order.strip().startswith("[") else args.order
     try:
-        codes = generate(args.url, classes, layout, model, args.guidance, args.schedule, args.power,
-                         args.temperature, args.top_k, args.top_p, order, args.seed, args.timeout)
+        codes = generate(args.url, classes, layout, model, order=order, seed=args.seed, timeout=args.timeout,
+                         guidance=args.guidance, schedule=args.schedule, power=args.power,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except UnpairedGuidanceError as err:
         raise SystemExit(f"error: {err}") from None
     rows = len(set(classes)) if args.num_per_class > 1 else 1

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rar_llm.smallnets import read_net, save_net
+from rar_llm.smallnets import load_net, save_net
 from rar_llm.tokenizers.base import ImageTokenizer
 
 FORMAT = "rar_llm-vq"
@@ -122,15 +122,8 @@ class VQTokenizer(nn.Module, ImageTokenizer):
 
     @classmethod
     def load(cls, path: Path | str) -> VQTokenizer:
-        """A tokenizer written by :meth:`save`; any other file raises a ValueError naming it."""
-        state, config, report = read_net(path, FORMAT, "VQ tokenizer", "train-vq")
-        model = cls(**config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}; "
-                             "written by another version, retrain with `rar-llm train-vq`")
-        model.report = report
-        return model.eval().requires_grad_(False)
+        """A network written by :meth:`save`; any other file raises a ValueError naming it."""
+        return load_net(cls, path, FORMAT, "VQ tokenizer", "train-vq")
 
 
 def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:

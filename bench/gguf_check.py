@@ -56,7 +56,8 @@ def gguf_check(
     import torch
     from litgpt.model import GPT
 
-    from rar_llm.export import export, load_checkpoint
+    from rar_llm.checkpoint import load_checkpoint
+    from rar_llm.export import export
     from rar_llm.permute import interleave
 
     torch.set_num_threads(threads)

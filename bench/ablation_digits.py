@@ -89,6 +89,14 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
     model = GPT(model_config("rar-tiny", layout, **overrides))
     init_weights(model, layout=layout, pos_init=pos_init)
     model.max_seq_length = layout.seq_len
+    best_step, curve = fit(model, data, data_dir, layout, steps, lr, eval_every, f"{variant} seed {seed}")
+    return model, best_step, curve
+
+
+def fit(model: GPT, data: RARData, data_dir: Path, layout: VocabLayout, steps: int, lr: float, eval_every: int,
+        label: str) -> tuple[int, list[tuple[int, float]]]:
+    """AdamW (warm-up + cosine, clip 1.0) for ``steps`` on ``data``'s loader; held-out raster NLL on ``data_dir``
+    every ``eval_every`` steps. Leaves the model at its best NLL; returns that step and the NLL curve."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.96), weight_decay=0.03)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -110,13 +118,13 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
             if step % eval_every == 0 or step == steps:
                 nll = heldout_nll(model, data_dir, layout, order="raster")
                 curve.append((step, nll))
-                print(f"  {variant} seed {seed} step {step}: held-out raster NLL {nll:.3f} bits", flush=True)
+                print(f"  {label} step {step}: held-out raster NLL {nll:.3f} bits", flush=True)
                 if nll < best[0]:
                     best = (nll, step, copy.deepcopy(model.state_dict()))
             if step == steps:
                 break
     model.load_state_dict(best[2])
-    return model, best[1], curve
+    return best[1], curve
 
 
 def score(model: GPT, data_dir: Path, layout: VocabLayout, per_class: int, guidance: float, seed: int,

@@ -18,10 +18,8 @@ The tokenizer, classifier, encoded data and decoded training images are made onc
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,15 +28,14 @@ import numpy as np
 import torch
 from jsonargparse import CLI
 from litgpt.model import GPT
-from litgpt.utils import chunked_cross_entropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ablation_digits  # noqa: E402  (its table())
+import ablation_digits  # noqa: E402  (its training loop and table())
 
 from rar_llm.classifier import CNNClassifier, train_classifier  # noqa: E402
 from rar_llm.data import RARData  # noqa: E402
 from rar_llm.draw import image_grid  # noqa: E402
-from rar_llm.evaluate import evaluate, heldout_nll  # noqa: E402
+from rar_llm.evaluate import evaluate  # noqa: E402
 from rar_llm.fashion import CLASS_NAMES, load_split, to_float  # noqa: E402
 from rar_llm.init import init_weights, model_config  # noqa: E402
 from rar_llm.sampling import generate  # noqa: E402
@@ -119,30 +116,9 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
     model = GPT(model_config("rar-tiny", layout, **overrides))
     init_weights(model, layout=layout)
     model.max_seq_length = layout.seq_len
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.96), weight_decay=0.03)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    best, curve, step = (float("inf"), 0, None), [], 0
-    for batch in data.train_dataloader():  # 60,000 images: one epoch is longer than any budget here
-        logits = model(batch["input_ids"])
-        loss = chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        if step % eval_every == 0 or step == steps:
-            nll = heldout_nll(model, data_dir, layout, order="raster")
-            curve.append((step, nll))
-            print(f"  {variant} seed {seed} step {step}: held-out raster NLL {nll:.3f} bits", flush=True)
-            if nll < best[0]:
-                best = (nll, step, copy.deepcopy(model.state_dict()))
-        if step == steps:
-            break
-    model.load_state_dict(best[2])
-    return model, best[1], curve
+    best_step, curve = ablation_digits.fit(model, data, data_dir, layout, steps, lr, eval_every,
+                                           f"{variant} seed {seed}")
+    return model, best_step, curve
 
 
 def comparisons(rows: dict[str, list[dict]]) -> str:

@@ -151,8 +151,4 @@ def reconstruction_report(tok: VQTokenizer, images: torch.Tensor) -> tuple[dict,
             "psnr_of_mean_mse_db": float(10 * torch.log10(1 / mse)), "num_images": len(images)}, rec
 
 
-def load_vq(path: Path | str) -> VQTokenizer:
-    return VQTokenizer.load(path)
-
-
 __all__ = ["VQTokenizer", "psnr", "utilisation", "reconstruction_report"]

@@ -181,11 +181,10 @@ def _chunked(
     batch_size: int | None,
 ) -> torch.Tensor:
     """``decode_grids`` over chunks of the batch that fit the memory, with one progress bar, packing once."""
-    B = prefixes[0].shape[0]
-    order, known_t, mask_t = settings.order, known, known_mask
-    n_cells = layout.num_positions - (int(torch.as_tensor(known_mask).reshape(-1, layout.num_positions)[0].sum())
-                                      if known_mask is not None else 0)
-    per_chunk = len(parallel_schedule(n_cells, settings.steps or n_cells)) if n_cells else 0
+    B, H, W = prefixes[0].shape[0], layout.height, layout.width
+    grid, mask = known_cells(known, known_mask, B, layout)  # checked once for the whole batch
+    n_gen = layout.num_positions - int(mask[0].sum())
+    per_chunk = settings.steps or n_gen  # forward passes per chunk: the progress bar's unit
     need = max(p.shape[1] for p in prefixes) + 2 * layout.num_positions
     size = chunk_size(model, len(prefixes), need, batch_size)
     generator = make_generator(seed, model.lm_head.weight.device)
@@ -194,20 +193,20 @@ def _chunked(
           tqdm(total=per_chunk * -(-B // size), desc="generate", unit="step", disable=not progress, leave=False) as bar):
         for lo in range(0, B, size):
             hi = min(B, lo + size)
-            part = Settings(**{**settings.__dict__, "order": _rows(order, lo, hi, B)})
+            part = Settings(**{**settings.__dict__, "order": _rows(settings.order, lo, hi, B)})
             out.append(decode_grids(
-                model, layout, [p[lo:hi] for p in prefixes], part, _rows(known_t, lo, hi, B, 3),
-                _rows(mask_t, lo, hi, B, 3), generator, kv_cache, prepack, bar,
+                model, layout, [p[lo:hi] for p in prefixes], part, grid[lo:hi].view(-1, H, W),
+                mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar,
             ))
     return torch.cat(out)
 
 
-def _rows(x, lo: int, hi: int, batch: int, batched_dim: int = 2):
-    """Rows ``lo:hi`` of a per-sample argument (a name or a shared value passes through)."""
-    if x is None or isinstance(x, str):
-        return x
-    t = torch.as_tensor(x)
-    return t[lo:hi] if t.dim() == batched_dim and t.shape[0] == batch else x
+def _rows(order, lo: int, hi: int, batch: int):
+    """Rows ``lo:hi`` of a per-sample order ``(B, H*W)``; a name or a shared permutation passes through."""
+    if isinstance(order, str):
+        return order
+    t = torch.as_tensor(order)
+    return t[lo:hi] if t.dim() == 2 and t.shape[0] == batch else order
 
 
 def generate(

@@ -300,3 +300,10 @@ def test_prepacking_falls_back_to_plain_layers_when_onednn_fails(tiny_checkpoint
         got = rar_llm.generate(model, [1, 2], seed=0)
     assert torch.equal(got, want)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_known_mask_of_the_wrong_shape_gets_our_message(tiny_checkpoint):
+    model = rar_llm.load_model(tiny_checkpoint, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"known_mask has shape \(3, 3\); expected \(8, 8\)"):
+        rar_llm.generate(model, [1, 2], known=torch.zeros(8, 8, dtype=torch.long),
+                         known_mask=torch.zeros(3, 3, dtype=torch.bool))

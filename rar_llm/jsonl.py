@@ -6,34 +6,43 @@ numpy, straight from the bytes; any other line (other spacing or key order, extr
 malformed one) goes through a JSON parser (orjson) and the line-by-line checks. Both paths accept
 the same lines and give the same codes, and a malformed line is reported with its number either way.
 
-Chunks of lines can be parsed in worker threads (numpy releases the interpreter lock in its loops);
-their results are taken in file order, at most a few chunks ahead, so memory stays constant and
-the shards are the same for any number of workers.
+Blocks of whole lines are parsed in worker processes (numpy holds Python's interpreter lock for much
+of this work, so threads do not scale): the reading process copies each block into a buffer shared
+with the workers (an anonymous shared mapping, inherited through fork) and gets the samples back the
+same way, so only a few numbers go through pipes. Results are taken in file order, at most a few
+blocks ahead, so memory stays constant and the shards are the same for any number of workers.
 """
 
 from __future__ import annotations
 
 import bz2
+import ctypes
+import dataclasses
 import gzip
 import hashlib
+import itertools
 import lzma
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
 from tqdm import tqdm
 
-from rar_llm.shards import ShardWriter, check_resume, positive_int
+from rar_llm.shards import ShardWriter, check_resume, code_dtype, positive_int
 
 PREFIX = np.frombuffer(b'{"class_id": ', np.uint8)
 MIDDLE = np.frombuffer(b', "tokens": [', np.uint8)
 PAD = b"\0" * 16  # around a block, so that gathers a few bytes beyond a line stay inside it
-READ_SIZE = 1 << 20
-BLOCK = 256  # lines per numpy pass: small enough that the temporaries stay in the CPU cache
+BLOCK = 512  # lines per numpy pass: small enough that the temporaries stay in the CPU cache
+AUTO_WORKERS_FROM = 64 << 20  # files at least this large are parsed in worker processes by default
+BOM = b"\xef\xbb\xbf"
 TOO_LONG = b"\0too long"  # stands for a line longer than the reader's limit (skipped with skip_bad)
 MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -83,7 +92,7 @@ def _parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: i
     return label, np.array(tokens, dtype=np.int64)
 
 
-@dataclass
+@dataclasses.dataclass
 class Lines:
     """Consecutive lines of the file in one ``blob``: line i ends at ``ends[i]`` (its "\\n", or the blob's end)."""
 
@@ -111,6 +120,14 @@ class Lines:
         lens = np.array([len(x) for x in lines], np.int64)
         return cls(b"\n".join(lines), np.cumsum(lens + 1) - 1)
 
+    @classmethod
+    def split(cls, blob: bytes | memoryview) -> Lines:
+        """The lines of ``blob``; the last may lack its line end."""
+        ends = np.flatnonzero(np.frombuffer(blob, np.uint8) == 10)
+        if len(blob) and (not len(ends) or ends[-1] != len(blob) - 1):
+            ends = np.append(ends, len(blob))
+        return cls(blob, ends)
+
 
 def _fast_block(
     lines: Lines, num_tokens: int, codebook_size: int, num_classes: int, dtype: type
@@ -120,6 +137,8 @@ def _fast_block(
 
     A line is ok when it is ``PREFIX number MIDDLE number (", " number)* "]}"`` and a line end, with
     ``1 + num_tokens`` numbers of at most 9 digits and no leading zeros: exactly the JSON RAR wrote.
+    Every step is a pass over the bytes or a gather at the numbers' last digits; the values come
+    from one gather of four-digit groups (two more per extra pair of digits).
     """
     n, T, P, M, B = len(lines), num_tokens + 1, len(PREFIX), len(MIDDLE), len(PAD)
     a = np.frombuffer(b"".join([PAD, lines.blob, PAD]), np.uint8)
@@ -141,11 +160,7 @@ def _fast_block(
     ok &= (a[st[:, None] + np.arange(P)] == PREFIX).all(1) & isd[st + P]
     ok &= (a[1:][Z0[:, None] + np.arange(M)] == MIDDLE).all(1) & isd[M + 1 :][Z0]
     ok &= (Z[:, -1] + 3 == ce) & (a[1:][Z[:, -1]] == 93) & (a[2:][Z[:, -1]] == 125)  # "]}" and the end
-    separator = a[1:-2] == 44  # at z: the bytes after z are ", " and a digit
-    separator &= a[2:-1] == 32
-    separator &= isd[3:]
-    ok &= separator[flat].reshape(n, T)[:, 1:-1].all(1)  # after every token but the last
-    L = np.empty_like(flat)  # digits of each number, now that the delimiters between them are known
+    L = np.empty_like(flat)  # digits of each number, once the separators between them are checked
     np.subtract(flat[1:], flat[:-1], out=L[1:])
     L -= 2
     L = L.reshape(n, T)
@@ -157,22 +172,37 @@ def _fast_block(
     if lead.any():
         ok[np.searchsorted(st, np.flatnonzero(lead) + 1, side="right") - 1] = False
     width = int(longest[ok].max()) if ok.any() else 1
-    dz = np.zeros(len(a) + B, np.uint8)  # the digits, 0 elsewhere, B bytes late: dz[B - j:][z] is digit z - j
-    np.multiply(d, isd, out=dz[B:])
-    kind = np.uint16 if width <= 4 else np.int32
-    values = dz[B:][flat].astype(kind)
-    for j in range(1, width):
-        digit = dz[B - j :][flat]
-        if j >= 3:  # three bytes back a ", " is passed and the previous number begins
-            digit *= L.reshape(-1) > j
-        values += digit * kind(10**j)
-    values = values.reshape(n, T)
+    # pairs[i]: the digits at i - 1 and i as a number, a non-digit counting 0 (numbers are at least two
+    # bytes apart, so a pair never reaches into the number before); groups[i]: the four digits ending
+    # at i (the upper pair only where i - 1 is a digit, else it could be the number before), with bit 15
+    # set where the bytes after i are ", " and a digit: one gather at the last digits gives both
+    d *= isd
+    pairs = np.empty_like(d)
+    pairs[0] = d[0]
+    np.multiply(d[:-1], 10, out=pairs[1:])
+    pairs[1:] += d[1:]
+    groups = pairs.astype(np.uint16)
+    groups[2:] += np.multiply(pairs[:-2] * isd[1:-1], 100, dtype=np.uint16)
+    separator = a[1:-2] == 44
+    separator &= a[2:-1] == 32
+    separator &= isd[3:]
+    groups[:-3] |= np.left_shift(separator, 15, dtype=np.uint16)
+    values = groups[flat].reshape(n, T)
+    ok &= (values[:, 1:-1] >= 1 << 15).all(1)  # a separator after every token but the last
+    values &= 0x7FFF
+    if width > 4:
+        values = values.astype(np.uint32)
+        for j in range(4, width, 2):
+            more = pairs[Z - j].astype(np.uint32)
+            more *= L > j
+            more *= 10**j
+            values += more
     labels, codes = values[:, 0], values[:, 1:]
     ok &= (labels < num_classes) & (codes.max(1) < codebook_size)
     return ok, labels.astype(np.int64), codes.astype(dtype)
 
 
-@dataclass
+@dataclasses.dataclass
 class Parsed:
     """A chunk's samples in file order, and its malformed lines as ``(line index, problem)``."""
 
@@ -194,7 +224,7 @@ def _parse_chunk(
     if not need.all():
         lines = Lines.of([lines.line(i) for i in np.flatnonzero(need)])
         index, val = index[need], val[need]
-    dtype = np.uint16 if codebook_size <= 65536 else np.int32
+    dtype = code_dtype(codebook_size)
     if not len(lines):
         return Parsed(np.zeros((0, num_tokens), dtype), np.zeros(0, np.int64), index, val, [])
     blocks = [
@@ -217,77 +247,132 @@ def _parse_chunk(
     return Parsed(codes, labels, index, val, errors)
 
 
-def _read_chunks(f, path: Path, chunk: int, limit: int, skip_bad: bool):
-    """``(first line index, Lines)``, ``chunk`` lines at a time (their blob a view of what was read).
+def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: list[mmap.mmap]):
+    """``(first line index, buffer number, length)``: whole lines read straight into ``buffers``, one
+    after the other, about ``size`` bytes at a time (a buffer is reused once the caller has taken the
+    blocks read after it; each holds ``size + limit + len(TOO_LONG)`` bytes).
 
-    The file is read a MiB at a time, so a file without line ends cannot fill the memory: a line
-    still open after ``limit`` bytes is an error, or with ``skip_bad`` stands as TOO_LONG (lines
-    that end within a read may be up to a read longer). Damaged compressed data is a ValueError
-    naming the file.
+    A file without line ends cannot fill the memory: a line still open after ``limit`` bytes is an
+    error, or with ``skip_bad`` stands as TOO_LONG (a line that ends within a read may be up to a
+    read longer). Damaged compressed data is a ValueError naming the file.
     """
-    index, data, pos, newlines, skipping, eof = 0, b"", 0, np.zeros(0, np.int64), False, False
-    while True:
-        while len(newlines) < chunk and not eof:  # data[pos:] holds fewer than chunk lines: read on
-            try:
-                block = f.read(READ_SIZE)
-            except READ_ERRORS as e:
-                raise ValueError(
-                    f"{path}: cannot read past line {index + len(newlines)} ({type(e).__name__}: {e}); "
-                    "the file is damaged or truncated, download it again"
-                ) from None
-            if not block:
-                eof = True
-                break
-            if skipping:  # the rest of a line that is too long
-                cut = block.find(b"\n")
-                if cut < 0:
-                    continue
-                block, skipping = TOO_LONG + block[cut:], False
-            data, newlines = data[pos:] + block, newlines - pos
-            pos = 0
-            newlines = np.concatenate([newlines, np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + len(data) - len(block)])
-            if len(data) - (int(newlines[-1]) + 1 if len(newlines) else 0) > limit:
-                if not skip_bad:
-                    raise ValueError(
-                        f"{path} line {index + len(newlines) + 1}: longer than {limit} bytes, not a line "
-                        "of codes; is this RAR's JSONL? Pass skip_bad=True (--skip_bad true) to skip such lines"
-                    )
-                data, skipping = data[: int(newlines[-1]) + 1 if len(newlines) else 0], True
-        if eof and (skipping or (len(data) > pos and (not len(newlines) or newlines[-1] + 1 < len(data)))):
-            data = data[pos:] + (TOO_LONG if skipping else b"")  # the last line, without a line end
-            newlines, pos, skipping = np.append(newlines - pos, len(data)), 0, False
-        if not len(newlines):
-            return
-        k = min(chunk, len(newlines))
-        end = int(newlines[k - 1]) + 1
-        lines = Lines(memoryview(data)[pos:end], newlines[:k] - pos)
-        pos, newlines = end, newlines[k:]
-        if index == 0 and bytes(lines.blob[:3]) == b"\xef\xbb\xbf":
-            lines = Lines(lines.blob[3:], lines.ends - 3)  # a UTF-8 byte-order mark
-        yield index, lines
-        index += k
 
-
-def _parsed(chunks, args: tuple, workers: int):
-    """``_parse_chunk`` of every chunk, in file order; in ``workers`` threads if any (numpy releases
-    the interpreter lock in its loops, so they parse while this thread reads and writes), at most
-    ``2 * workers`` chunks ahead of the one being written."""
-    if workers < 1:
-        for first, lines in chunks:
-            yield _parse_chunk(lines, first, *args)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="import-jsonl") as pool:
-        pending: deque = deque()
+    def read(view: memoryview) -> int:
         try:
-            for first, lines in chunks:
-                pending.append(pool.submit(_parse_chunk, lines, first, *args))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+            return f.readinto(view)
+        except READ_ERRORS as e:
+            raise ValueError(
+                f"{path}: cannot read past line {index} ({type(e).__name__}: {e}); "
+                "the file is damaged or truncated, download it again"
+            ) from None
+
+    index, skipping, eof = 0, False, False
+    carry = bytearray(3)
+    carry = carry[: read(memoryview(carry))].removeprefix(BOM)  # a UTF-8 byte-order mark
+    for k in itertools.count():
+        buf = buffers[k % len(buffers)]
+        buf[: len(carry)] = carry
+        n = len(carry)
+        while n < len(carry) + size and not eof:
+            got = read(memoryview(buf)[n : len(carry) + size])
+            eof, n = not got, n + got
+            if skipping and got:  # the rest of a line that is too long
+                end = buf.find(b"\n", n - got, n)
+                if end < 0:
+                    n -= got
+                    continue
+                buf.move(len(TOO_LONG), end, n - end)
+                buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG) + n - end, False
+        if skipping:  # the file ended inside it
+            buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG), False
+        cut = n if eof else buf.rfind(b"\n", 0, n) + 1
+        lines = int(np.count_nonzero(np.frombuffer(buf, np.uint8, cut) == 10))
+        carry = buf[cut:n]
+        if len(carry) > limit:
+            if not skip_bad:
+                raise ValueError(
+                    f"{path} line {index + lines + 1}: longer than {limit} bytes, not a line of codes; "
+                    "is this RAR's JSONL? Pass skip_bad=True (--skip_bad true) to skip such lines"
+                )
+            carry, skipping = b"", True
+        if cut:
+            yield index, k % len(buffers), cut
+            index += lines
+        if eof:
+            return
+
+
+_SHARED: list[mmap.mmap] = []  # in a worker process: the buffers it shares with the reading process
+
+
+def _start_worker(buffers: list[mmap.mmap]) -> None:
+    """Keep the shared buffers, leave Ctrl-C to the reading process, and keep the heap.
+
+    Each block allocates and frees some MB of numpy temporaries; glibc's default returns freed memory
+    at the top of the heap to the system at once, so every block page-faulted it back in and parsed
+    2-3x slower. A worker is ours, so it turns that off (``mallopt``: no trimming, no mmap for blocks).
+    """
+    global _SHARED
+    _SHARED = buffers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD (its maximum)
+    except (OSError, AttributeError):  # not glibc: parsing is only slower
+        pass
+
+
+def _shared_arrays(buf: mmap.mmap, offset: int, k: int, num_tokens: int, dtype) -> list[np.ndarray]:
+    """Views of ``buf`` from ``offset`` (8-byte aligned) for ``k`` samples: codes, labels, positions, val."""
+    arrays = []
+    for shape, dt in (((k, num_tokens), dtype), ((k,), np.int64), ((k,), np.int64), ((k,), np.bool_)):
+        offset = -(-offset // 8) * 8
+        count = k * shape[-1] if len(shape) == 2 else k
+        arrays.append(np.frombuffer(buf, dt, count, offset).reshape(shape))
+        offset += count * np.dtype(dt).itemsize
+    return arrays
+
+
+def _parse_shared(slot: int, size: int, first: int, args: tuple) -> tuple[int, list]:
+    """In a worker: parse the ``size`` bytes of lines in shared buffer ``slot``; the samples go after them."""
+    buf = _SHARED[slot]
+    parsed = _parse_chunk(Lines.split(memoryview(buf)[:size]), first, *args)
+    k = len(parsed.labels)
+    if size + 64 + parsed.codes.nbytes + 17 * k > len(buf):
+        raise RuntimeError(f"import-jsonl: {k} samples do not fit a {len(buf)}-byte buffer")  # a bug, not bad input
+    for view, array in zip(_shared_arrays(buf, size, k, args[0], parsed.codes.dtype), dataclasses.astuple(parsed)):
+        view[...] = array
+    return k, parsed.errors
+
+
+def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
+    """``_parse_chunk`` of every block of ``f`` (``_read_blocks(f, path, *read_args)``), in file
+    order; in ``workers`` processes if any, at most ``2 * workers`` blocks ahead of the one being
+    written (each result may be a view of a shared buffer, valid until the next is asked for)."""
+    size, limit, _ = read_args
+    T, codebook_size = args[0], args[1]
+    capacity = size + limit + len(TOO_LONG)  # the most a block can hold; then room for its samples
+    capacity += (capacity // (2 * T + 24) + 1) * (T * np.dtype(code_dtype(codebook_size)).itemsize + 17) + 64
+    if workers < 1:
+        buffers = [mmap.mmap(-1, capacity)]
+        for first, _, length in _read_blocks(f, path, *read_args, buffers):
+            yield _parse_chunk(Lines.split(memoryview(buffers[0])[:length]), first, *args)
+        return
+    buffers = [mmap.mmap(-1, capacity) for _ in range(2 * workers + 1)]
+    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (buffers,)) as pool:
+        pending: deque = deque()
+
+        def finished(keep: int):
+            while len(pending) > keep:  # the oldest results, until at most ``keep`` blocks are pending
+                slot, length, result = pending.popleft()
+                k, errors = result.get()
+                yield Parsed(*_shared_arrays(buffers[slot], length, k, T, code_dtype(codebook_size)), errors)
+
+        for first, slot, length in _read_blocks(f, path, *read_args, buffers):
+            pending.append((slot, length, pool.apply_async(_parse_shared, (slot, length, first, args))))
+            yield from finished(len(buffers) - 1)  # the next block goes into the oldest buffer
+        yield from finished(0)
 
 
 def import_jsonl(
@@ -301,8 +386,8 @@ def import_jsonl(
     skip_bad: bool = False,
     resume: bool = False,
     shard_size: int = 65536,
-    chunk: int = 2048,
-    workers: int = 0,
+    chunk_bytes: int = 1 << 21,
+    workers: int | None = None,
     allow_empty: bool = False,
 ) -> Path:
     """Stream RAR's released pre-tokenized ImageNet (``maskgitvq.jsonl``) into shards, in constant memory.
@@ -324,10 +409,10 @@ def import_jsonl(
         resume: continue an interrupted import in ``out_dir``: same file (its size and first MiB,
             recorded in ``meta.json``) and ``val_every``.
         shard_size: samples per shard file.
-        chunk: lines parsed at a time (per worker) before they are handed to the shard writer.
-        workers: threads parsing chunks besides the one reading and writing (numpy works outside
-            Python's interpreter lock, so they can help on idle cores; on a busy 2-core machine they
-            did not); 0: parse in the calling thread. Shards are the same either way.
+        chunk_bytes: bytes read and parsed at a time (per worker).
+        workers: processes parsing blocks while this one reads and writes; 0: parse here; None: one
+            per CPU core (at most 8) for files of 64 MiB or more, else 0. Workers start by fork
+            (Linux, macOS). Shards are the same for any number.
         allow_empty: finish even if the file holds no valid line (otherwise zero samples is an error).
     """
     jsonl, out_dir = Path(jsonl), Path(out_dir)
@@ -338,9 +423,14 @@ def import_jsonl(
     if val_every < 0 or val_every == 1:
         raise ValueError(f"val_every must be 0 (no val) or >= 2, got {val_every}")
     for name, value in (("codebook_size", codebook_size), ("grid", grid), ("num_classes", num_classes),
-                        ("shard_size", shard_size), ("chunk", chunk)):
+                        ("shard_size", shard_size), ("chunk_bytes", chunk_bytes)):
         positive_int(name, value)
-    positive_int("workers", workers, minimum=0)
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cores, 8) if fork and jsonl.stat().st_size >= AUTO_WORKERS_FROM else 0
+    elif positive_int("workers", workers, minimum=0) and not fork:
+        raise ValueError(f"workers={workers} needs processes started by fork, which {sys.platform} lacks; pass workers=0")
     info = {"source": str(jsonl.resolve()), **source_fingerprint(jsonl), "tokenizer": tokenizer, "val_every": val_every}
     if resume:
         check_resume(out_dir, info, ("source_size", "source_sha256_1mib", "val_every"))
@@ -350,9 +440,9 @@ def import_jsonl(
         out_dir, codebook_size, grid, grid, num_classes, shard_size=shard_size, resume=resume, info=info
     ) as w, tqdm(total=jsonl.stat().st_size, unit="B", unit_scale=True, desc=jsonl.name, dynamic_ncols=True) as bar:
         starts = (w.resume_position("train"), w.resume_position("val"))  # earlier lines are written
-        limit = max(1 << 20, 64 * grid * grid)
-        chunks = _read_chunks(f, jsonl, chunk, limit, skip_bad)
-        for parsed in _parsed(chunks, (grid * grid, codebook_size, num_classes, val_every, starts), workers):
+        read_args = (chunk_bytes, max(1 << 20, 64 * grid * grid), skip_bad)
+        args = (grid * grid, codebook_size, num_classes, val_every, starts)
+        for parsed in _parsed(f, jsonl, read_args, args, workers):
             if parsed.errors and not skip_bad:
                 index, problem = parsed.errors[0]
                 raise ValueError(
@@ -363,8 +453,9 @@ def import_jsonl(
             first_error = first_error or (parsed.errors[0] if parsed.errors else None)
             for split, mask in (("train", ~parsed.val), ("val", parsed.val)):
                 if mask.any():
-                    codes = parsed.codes[mask].reshape(-1, grid, grid)
-                    w.add(split, codes, parsed.labels[mask], parsed.positions[mask])
+                    pick = slice(None) if mask.all() else mask  # a whole block: no copy
+                    codes = parsed.codes[pick].reshape(-1, grid, grid)
+                    w.add(split, codes, parsed.labels[pick], parsed.positions[pick])
             bar.update(raw.tell() - bar.n)
         w.close()
         if not allow_empty and not w.num_samples("train") + w.num_samples("val"):

@@ -24,6 +24,11 @@ META = "meta.json"
 FORMAT = "rar_llm-shards"
 
 
+def code_dtype(codebook_size: int) -> type:
+    """The dtype shards store codes in: uint16 where it holds the codebook."""
+    return np.uint16 if codebook_size <= 65536 else np.int32
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -119,6 +124,16 @@ def check_resume(out_dir: Path, info: dict, keys: tuple[str, ...]) -> None:
 
 
 @dataclass
+class _Pending:
+    """A split's samples not yet in a shard, held in arrays of one shard's size (filled in place)."""
+
+    codes: np.ndarray
+    labels: np.ndarray
+    positions: np.ndarray
+    n: int = 0
+
+
+@dataclass
 class ShardWriter:
     """Appends (codes, label) samples to a data folder, one finished shard at a time.
 
@@ -142,9 +157,9 @@ class ShardWriter:
             setattr(self, name, positive_int(name, getattr(self, name)))
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes; give one name per class")
-        self.dtype = np.uint16 if self.codebook_size <= 65536 else np.int32
+        self.dtype = code_dtype(self.codebook_size)
         self._created: list[Path] = []  # what this writer made, removed again if it fails before any shard
-        self._buf: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
+        self._pending: dict[str, _Pending] = {}
         new = {
             "format": FORMAT,
             "version": 1,
@@ -218,42 +233,49 @@ class ShardWriter:
             raise ValueError(f"codes outside the codebook 0..{self.codebook_size - 1}: {codes.min()}..{codes.max()}")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class ids outside 0..{self.num_classes - 1}: {labels.min()}..{labels.max()}")
-        cs, ls, ps = self._buf.setdefault(split, ([], [], []))
+        pending = self._pending.get(split)
+        if pending is None:
+            pending = self._pending[split] = _Pending(
+                np.empty((self.shard_size, self.height, self.width), self.dtype),
+                np.empty(self.shard_size, np.int32),
+                np.empty(self.shard_size, np.int64),
+            )
         if positions is None:
-            start = self.resume_position(split) + sum(len(p) for p in ps)
+            start = self.resume_position(split) + pending.n
             positions = np.arange(start, start + len(labels))
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if positions.shape != labels.shape:
             raise ValueError(f"expected {labels.shape[0]} positions, one per sample, got {positions.shape[0]}")
-        cs.append(codes.astype(self.dtype))
-        ls.append(labels.astype(np.int32))
-        ps.append(positions)
-        while sum(len(c) for c in self._buf[split][0]) >= self.shard_size:  # _flush replaces the buffer
-            self._flush(split, self.shard_size)
+        done = 0
+        while done < len(labels):
+            take = min(self.shard_size - pending.n, len(labels) - done)
+            into, part = slice(pending.n, pending.n + take), slice(done, done + take)
+            pending.codes[into], pending.labels[into], pending.positions[into] = codes[part], labels[part], positions[part]
+            pending.n += take
+            done += take
+            if pending.n == self.shard_size:
+                self._flush(split)
 
-    def _flush(self, split: str, limit: int | None = None) -> None:
-        cs, ls, ps = self._buf.get(split, ([], [], []))
-        if not cs:
+    def _flush(self, split: str) -> None:
+        pending = self._pending.get(split)
+        if pending is None or not pending.n:
             return
-        codes, labels, positions = np.concatenate(cs), np.concatenate(ls), np.concatenate(ps)
-        n = len(codes) if limit is None else min(limit, len(codes))
-        if n == 0:
-            return
+        n = pending.n
         shards = self.meta["splits"].setdefault(split, [])
         name = f"{split}-{len(shards):05d}"
-        for suffix, arr in (("codes", codes[:n]), ("labels", labels[:n])):
+        for suffix, arr in (("codes", pending.codes[:n]), ("labels", pending.labels[:n])):
             final = self.data_dir / f"{name}.{suffix}.npy"
             tmp = final.with_name(final.name + ".tmp")
             with open(tmp, "wb") as f:
                 np.save(f, arr)
             os.replace(tmp, final)
-        shards.append({"file": name, "num_samples": int(n), "end_position": int(positions[n - 1]) + 1})
+        shards.append({"file": name, "num_samples": int(n), "end_position": int(pending.positions[n - 1]) + 1})
         _write_json_atomic(self.data_dir / META, self.meta)
-        self._buf[split] = ([codes[n:]], [labels[n:]], [positions[n:]]) if n < len(codes) else ([], [], [])
+        pending.n = 0
 
     def close(self) -> None:
         """Write what is buffered as final (possibly short) shards."""
-        for split in list(self._buf):
+        for split in list(self._pending):
             self._flush(split)
 
     def __enter__(self) -> ShardWriter:

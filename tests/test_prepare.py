@@ -194,7 +194,7 @@ def write_jsonl(path: Path, lines: int = 40, seed: int = 0) -> list[dict]:
 
 
 def run_jsonl(jsonl: Path, out: Path, **kwargs) -> Path:
-    args = dict(val_every=5, codebook_size=16, grid=4, num_classes=5, shard_size=7, chunk=3)
+    args = dict(val_every=5, codebook_size=16, grid=4, num_classes=5, shard_size=7, chunk_bytes=150)
     return import_jsonl(jsonl, out, **{**args, **kwargs})
 
 
@@ -401,7 +401,7 @@ def test_tokenize_reads_sixteen_bit_pngs_like_their_eight_bit_twins(tmp_path):
     assert np.array_equal(all_samples(a, "train")[0], all_samples(b, "train")[0])
 
 
-@pytest.mark.parametrize("setting", [{"shard_size": 0}, {"shard_size": -1}, {"chunk": 0}, {"val_every": 1},
+@pytest.mark.parametrize("setting", [{"shard_size": 0}, {"shard_size": -1}, {"chunk_bytes": 0}, {"val_every": 1},
                                      {"val_every": -5}, {"grid": 0}, {"workers": -1}])
 def test_import_jsonl_checks_sizes_at_entry(tmp_path, setting):
     path = tmp_path / "codes.jsonl"
@@ -506,7 +506,7 @@ def test_import_jsonl_other_spellings_and_workers_give_the_same_shards(tmp_path)
             spelled.append(json.dumps(r) + "\n")
     (tmp_path / "spelled.jsonl").write_text("".join(spelled))
     whole = folder_bytes(run_jsonl(tmp_path / "codes.jsonl", tmp_path / "a"))
-    for name, kwargs in (("b", {}), ("c", {"workers": 2, "chunk": 7})):
+    for name, kwargs in (("b", {}), ("c", {"workers": 2, "chunk_bytes": 300})):
         out = folder_bytes(run_jsonl(tmp_path / "spelled.jsonl", tmp_path / name, **kwargs))
         assert {k: v for k, v in out.items() if k != "meta.json"} == {k: v for k, v in whole.items() if k != "meta.json"}
 

@@ -5,11 +5,11 @@ as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then ti
 
 - ``old``: the import as it was before the fast parser: ``json.loads`` and per-line checks of every
   line, a progress-bar update per line, the samples handed to the shard writer in chunks;
-- ``shipped``: ``rar_llm.jsonl.import_jsonl`` as the CLI runs it (parsing in its own thread), and
-  with ``workers`` parsing threads.
+- ``shipped``: ``rar_llm.jsonl.import_jsonl`` parsing in its own process (``workers=0``: the speed of
+  one core), and as the CLI runs it (worker processes, one per core, for a file this large).
 
-Lines per second of wall time and per second of this process's CPU time are printed: on a machine
-shared with other jobs the CPU figure is the steadier one.
+Lines per second of wall time are printed, and for the single-process runs per second of CPU time
+(steadier on a machine shared with other jobs). Rounds alternate the three; medians are reported.
 
 Both write the same shards (checked), so the ratio of lines/s is the speed-up of the import.
 
@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would only add noise
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from rar_llm.jsonl import import_jsonl
+from rar_llm.jsonl import auto_workers, import_jsonl
 from rar_llm.shards import ShardWriter, Shards
 
 
@@ -95,12 +96,12 @@ def old_import(jsonl: Path, out_dir: Path, val_every: int = 1280, grid: int = 16
     return index + 1
 
 
-def main(lines: int = 200_000, old_lines: int = 50_000, workers: int = 2, keep: Path | None = None) -> None:
+def main(lines: int = 200_000, old_lines: int = 50_000, repeats: int = 3, keep: Path | None = None) -> None:
     """
     Args:
         lines: lines of the synthetic file (RAR's has 12.8M).
         old_lines: lines the old parser is timed on (its first ones; it is slow); 0: all.
-        workers: import-jsonl's parsing threads in the second run (the first parses in its own thread).
+        repeats: rounds of (old, shipped with workers=0, shipped as the CLI runs it); medians are printed.
         keep: write the synthetic file here and keep it (default: a temporary folder).
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,23 +117,32 @@ def main(lines: int = 200_000, old_lines: int = 50_000, workers: int = 2, keep: 
             old_src = tmp / "head.jsonl"
             with open(src, "rb") as f, open(old_src, "wb") as g:
                 g.writelines(line for _, line in zip(range(old_lines), f))
-        t, c = time.perf_counter(), time.process_time()
-        m = old_import(old_src, tmp / "old")
-        old, old_cpu = m / (time.perf_counter() - t), m / (time.process_time() - c)
-        print(f"{'old (json + per-line checks):':38s} {old:9,.0f} lines/s wall, {old_cpu:9,.0f} per CPU second ({m} lines)")
+        runs = {  # name: (label, lines, run)
+            "old": ("old (json + per-line checks)", min(n, old_lines or n), lambda out: old_import(old_src, out)),
+            "one": ("shipped, workers=0 (one core)", n, lambda out: import_jsonl(src, out, workers=0)),
+            "cli": (f"shipped, as the CLI runs it ({auto_workers(src)} workers)", n, lambda out: import_jsonl(src, out)),
+        }
+        wall: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(repeats):
+            for name, (_, m, run) in runs.items():
+                out = tmp / f"{name}-{r}"
+                t, c = time.perf_counter(), time.process_time()
+                run(out)
+                wall[name].append(m / (time.perf_counter() - t))
+                cpu[name].append(m / (time.process_time() - c))
+                if r:
+                    shutil.rmtree(out)  # round 0's are compared below
+        med = {name: (float(np.median(wall[name])), float(np.median(cpu[name]))) for name in runs}
+        for name, (label, m, _) in runs.items():
+            per_cpu = f", {med[name][1]:9,.0f} per CPU second (x{med[name][1] / med['old'][1]:.1f})" if name != "cli" else ""
+            print(f"{label + ':':44s} {med[name][0]:9,.0f} lines/s wall (x{med[name][0] / med['old'][0]:.1f}){per_cpu}; "
+                  f"runs: {', '.join(f'{x:,.0f}' for x in wall[name])} ({m} lines)")
 
-        results = {}
-        for name, w in (("shipped", 0), (f"shipped, workers={workers}", workers)):
-            t, c = time.perf_counter(), time.process_time()
-            import_jsonl(src, tmp / name, workers=w)
-            results[name] = wall, cpu = n / (time.perf_counter() - t), n / (time.process_time() - c)
-            print(f"{name + ':':38s} {wall:9,.0f} lines/s wall, {cpu:9,.0f} per CPU second ({n} lines): "
-                  f"x{wall / old:.1f} wall, x{cpu / old_cpu:.1f} CPU")
-
-        a, b = Shards(tmp / "old", "train"), Shards(tmp / "shipped", "train")
+        a, b, c = (Shards(tmp / f"{name}-0", "train") for name in runs)
         k = min(len(a), 1000)
-        assert all(np.array_equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(k)), "different shards"
-        print(f"ratio shipped / old: x{results['shipped'][0] / old:.1f} in lines/s (first {k} samples identical); "
+        assert all(np.array_equal(a[i][0], x[i][0]) and a[i][1] == x[i][1] for x in (b, c) for i in range(k)), "shards differ"
+        print(f"medians of {repeats} rounds; the first {k} samples of all three are identical; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

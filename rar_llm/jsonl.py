@@ -43,6 +43,7 @@ PAD = b"\0" * 16  # around a block, so that gathers a few bytes beyond a line st
 BLOCK = 512  # lines per numpy pass: small enough that the temporaries stay in the CPU cache
 AUTO_WORKERS_FROM = 64 << 20  # files at least this large are parsed in worker processes by default
 BOM = b"\xef\xbb\xbf"
+FORK = "fork" in multiprocessing.get_all_start_methods()
 TOO_LONG = b"\0too long"  # stands for a line longer than the reader's limit (skipped with skip_bad)
 MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -249,8 +250,8 @@ def _parse_chunk(
 
 def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: list[mmap.mmap]):
     """``(first line index, buffer number, length)``: whole lines read straight into ``buffers``, one
-    after the other, about ``size`` bytes at a time (a buffer is reused once the caller has taken the
-    blocks read after it; each holds ``size + limit + len(TOO_LONG)`` bytes).
+    after the other, at least ``size`` bytes and a line end at a time (a buffer is reused once the
+    caller has taken the blocks read after it; each holds ``size + limit + len(TOO_LONG)`` bytes).
 
     A file without line ends cannot fill the memory: a line still open after ``limit`` bytes is an
     error, or with ``skip_bad`` stands as TOO_LONG (a line that ends within a read may be up to a
@@ -266,15 +267,15 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
                 "the file is damaged or truncated, download it again"
             ) from None
 
-    index, skipping, eof = 0, False, False
+    index, blocks, skipping, eof = 0, 0, False, False
     carry = bytearray(3)
     carry = carry[: read(memoryview(carry))].removeprefix(BOM)  # a UTF-8 byte-order mark
-    for k in itertools.count():
-        buf = buffers[k % len(buffers)]
+    while True:
+        buf = buffers[blocks % len(buffers)]
         buf[: len(carry)] = carry
-        n = len(carry)
-        while n < len(carry) + size and not eof:
-            got = read(memoryview(buf)[n : len(carry) + size])
+        n, whole, room = len(carry), False, size + limit + len(TOO_LONG)
+        while not eof and (n < len(carry) + size or not whole) and n < room:  # read on to a line end
+            got = read(memoryview(buf)[n : len(carry) + size if n < len(carry) + size else min(room, n + size)])
             eof, n = not got, n + got
             if skipping and got:  # the rest of a line that is too long
                 end = buf.find(b"\n", n - got, n)
@@ -283,6 +284,7 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
                     continue
                 buf.move(len(TOO_LONG), end, n - end)
                 buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG) + n - end, False
+            whole = whole or buf.find(b"\n", n - got, n) >= 0
         if skipping:  # the file ended inside it
             buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG), False
         cut = n if eof else buf.rfind(b"\n", 0, n) + 1
@@ -296,8 +298,8 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
                 )
             carry, skipping = b"", True
         if cut:
-            yield index, k % len(buffers), cut
-            index += lines
+            yield index, blocks % len(buffers), cut
+            index, blocks = index + lines, blocks + 1
         if eof:
             return
 
@@ -352,27 +354,75 @@ def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
     written (each result may be a view of a shared buffer, valid until the next is asked for)."""
     size, limit, _ = read_args
     T, codebook_size = args[0], args[1]
-    capacity = size + limit + len(TOO_LONG)  # the most a block can hold; then room for its samples
-    capacity += (capacity // (2 * T + 24) + 1) * (T * np.dtype(code_dtype(codebook_size)).itemsize + 17) + 64
+    capacity = size + limit + len(TOO_LONG)  # the most a block can hold
     if workers < 1:
         buffers = [mmap.mmap(-1, capacity)]
         for first, _, length in _read_blocks(f, path, *read_args, buffers):
             yield _parse_chunk(Lines.split(memoryview(buffers[0])[:length]), first, *args)
         return
+    # then room for the samples: a line that gives one has at least 2 * T + 24 bytes
+    capacity += (capacity // (2 * T + 24) + 1) * (T * np.dtype(code_dtype(codebook_size)).itemsize + 17) + 64
     buffers = [mmap.mmap(-1, capacity) for _ in range(2 * workers + 1)]
-    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (buffers,)) as pool:
-        pending: deque = deque()
+    context = multiprocessing.get_context("fork")
+    links, processes, pending, done = [], [], deque(), False
+    try:
+        for _ in range(workers):
+            link, theirs = context.Pipe()
+            processes.append(context.Process(target=_worker, args=(theirs, buffers), daemon=True))
+            processes[-1].start()
+            theirs.close()
+            links.append(link)
+
+        def died(i: int) -> RuntimeError:
+            processes[i].join(timeout=1)
+            return RuntimeError(f"import-jsonl: worker process {i} died (exit code {processes[i].exitcode})")
 
         def finished(keep: int):
             while len(pending) > keep:  # the oldest results, until at most ``keep`` blocks are pending
-                slot, length, result = pending.popleft()
-                k, errors = result.get()
+                slot, length, i = pending.popleft()
+                try:
+                    k, errors = links[i].recv()
+                except (EOFError, OSError):
+                    raise died(i) from None
+                if isinstance(k, BaseException):
+                    raise k
                 yield Parsed(*_shared_arrays(buffers[slot], length, k, T, code_dtype(codebook_size)), errors)
 
-        for first, slot, length in _read_blocks(f, path, *read_args, buffers):
-            pending.append((slot, length, pool.apply_async(_parse_shared, (slot, length, first, args))))
+        for n, (first, slot, length) in enumerate(_read_blocks(f, path, *read_args, buffers)):
+            i = n % workers  # in turn, so that results come back in file order
+            try:
+                links[i].send((slot, length, first, args))
+            except OSError:  # a broken pipe: the worker is gone
+                raise died(i) from None
+            pending.append((slot, length, i))
             yield from finished(len(buffers) - 1)  # the next block goes into the oldest buffer
         yield from finished(0)
+        for link in links:
+            link.send(None)
+        done = True
+    finally:  # on an error (or a consumer that stops early) the workers are killed, not waited for
+        for process in processes:
+            if not done:
+                process.kill()
+            process.join()
+
+
+def _worker(link, buffers: list[mmap.mmap]) -> None:
+    """A worker process: parse the blocks it is sent, in order, until it is sent None."""
+    _start_worker(buffers)
+    while (task := link.recv()) is not None:
+        try:
+            link.send(_parse_shared(*task))
+        except Exception as e:  # handed to the reading process, which raises it
+            link.send((e, None))
+
+
+def auto_workers(path: Path) -> int:
+    """Worker processes by default: one per CPU core (at most 8) for files of 64 MiB or more, where
+    starting them pays off; none where processes cannot be started by fork."""
+    if not FORK or Path(path).stat().st_size < AUTO_WORKERS_FROM:
+        return 0
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
 def import_jsonl(
@@ -410,9 +460,8 @@ def import_jsonl(
             recorded in ``meta.json``) and ``val_every``.
         shard_size: samples per shard file.
         chunk_bytes: bytes read and parsed at a time (per worker).
-        workers: processes parsing blocks while this one reads and writes; 0: parse here; None: one
-            per CPU core (at most 8) for files of 64 MiB or more, else 0. Workers start by fork
-            (Linux, macOS). Shards are the same for any number.
+        workers: processes parsing blocks while this one reads and writes; 0: parse here; None:
+            ``auto_workers`` (one per core for large files). Shards are the same for any number.
         allow_empty: finish even if the file holds no valid line (otherwise zero samples is an error).
     """
     jsonl, out_dir = Path(jsonl), Path(out_dir)
@@ -425,11 +474,9 @@ def import_jsonl(
     for name, value in (("codebook_size", codebook_size), ("grid", grid), ("num_classes", num_classes),
                         ("shard_size", shard_size), ("chunk_bytes", chunk_bytes)):
         positive_int(name, value)
-    fork = "fork" in multiprocessing.get_all_start_methods()
     if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, 8) if fork and jsonl.stat().st_size >= AUTO_WORKERS_FROM else 0
-    elif positive_int("workers", workers, minimum=0) and not fork:
+        workers = auto_workers(jsonl)
+    elif positive_int("workers", workers, minimum=0) and not FORK:
         raise ValueError(f"workers={workers} needs processes started by fork, which {sys.platform} lacks; pass workers=0")
     info = {"source": str(jsonl.resolve()), **source_fingerprint(jsonl), "tokenizer": tokenizer, "val_every": val_every}
     if resume:

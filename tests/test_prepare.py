@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -509,6 +510,80 @@ def test_import_jsonl_other_spellings_and_workers_give_the_same_shards(tmp_path)
     for name, kwargs in (("b", {}), ("c", {"workers": 2, "chunk_bytes": 300})):
         out = folder_bytes(run_jsonl(tmp_path / "spelled.jsonl", tmp_path / name, **kwargs))
         assert {k: v for k, v in out.items() if k != "meta.json"} == {k: v for k, v in whole.items() if k != "meta.json"}
+
+
+def _mixed_file(tmp_path: Path) -> Path:
+    """RAR-form lines with a bad one, a blank one, CRLF, other spellings and a line past the limit."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", lines=90, seed=2)
+    lines = [json.dumps(r) + "\n" for r in rows]
+    lines[7] = "garbage\n"
+    lines[20] = "\n"
+    lines[33] = json.dumps(rows[33]).replace(", ", ",") + "\r\n"
+    lines[51] = "x" * ((1 << 20) + 10) + "\n"  # longer than the limit: skipped as malformed
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
+def test_import_jsonl_workers_give_the_same_shards_as_one_process(tmp_path, capsys):
+    import gzip
+
+    path = _mixed_file(tmp_path)
+    zipped = tmp_path / "mixed.jsonl.gz"
+    zipped.write_bytes(gzip.compress(path.read_bytes()))
+    one = folder_bytes(run_jsonl(path, tmp_path / "one", skip_bad=True, workers=0))
+    assert "Skipped 2 malformed lines" in capsys.readouterr().out
+    for name, source, kwargs in (("w2", path, {"workers": 2}), ("w3", path, {"workers": 3, "chunk_bytes": 37}),
+                                 ("gz", zipped, {"workers": 2})):
+        out = folder_bytes(run_jsonl(source, tmp_path / name, skip_bad=True, **kwargs))
+        assert {k: v for k, v in out.items() if k != "meta.json"} == {k: v for k, v in one.items() if k != "meta.json"}
+    with pytest.raises(ValueError, match="line 8: not JSON"):
+        run_jsonl(path, tmp_path / "bad", workers=2)
+
+
+@pytest.mark.parametrize("lines_read", [5, 40])
+def test_import_jsonl_with_workers_resumes_to_identical_shards(tmp_path, lines_read, monkeypatch):
+    path = _mixed_file(tmp_path)
+    whole = run_jsonl(path, tmp_path / "whole", skip_bad=True, workers=0)
+    interrupt_after_lines(monkeypatch, lines_read)  # inherited by the workers: each counts its own lines
+    with pytest.raises(Interrupt):
+        run_jsonl(path, tmp_path / "resumed", skip_bad=True, workers=2)
+    monkeypatch.undo()
+    assert read_meta(tmp_path / "resumed")["splits"], "the interrupted run wrote no shard to resume from"
+    run_jsonl(path, tmp_path / "resumed", skip_bad=True, resume=True, workers=2)
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(whole)
+
+
+def test_import_jsonl_worker_failures_reach_the_caller_and_leave_no_process(tmp_path, monkeypatch):
+    import multiprocessing
+    import os
+
+    path = tmp_path / "codes.jsonl"
+    write_jsonl(path)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(jsonl_module, "_parse_chunk", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_jsonl(path, tmp_path / "a", workers=2)
+    monkeypatch.setattr(jsonl_module, "_parse_chunk", lambda *args: os._exit(3))
+    with pytest.raises(RuntimeError, match="worker process 0 died \\(exit code 3\\)"):
+        run_jsonl(path, tmp_path / "b", workers=2)
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written left
+
+
+def test_import_jsonl_uses_workers_for_large_files_only(tmp_path, monkeypatch):
+    path = tmp_path / "codes.jsonl"
+    write_jsonl(path)
+    assert jsonl_module.auto_workers(path) == 0
+    monkeypatch.setattr(jsonl_module, "AUTO_WORKERS_FROM", path.stat().st_size)
+    assert jsonl_module.auto_workers(path) == min(len(os.sched_getaffinity(0)), 8)
+    monkeypatch.setattr(jsonl_module, "FORK", False)
+    assert jsonl_module.auto_workers(path) == 0
+    with pytest.raises(ValueError, match="workers=2 needs processes started by fork"):
+        run_jsonl(path, tmp_path / "a", workers=2)
 
 
 def test_cli_prints_one_line_for_a_bad_jsonl(tmp_path, capsys):

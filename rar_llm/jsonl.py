@@ -161,18 +161,24 @@ def _fast_block(
     ok &= (a[st[:, None] + np.arange(P)] == PREFIX).all(1) & isd[st + P]
     ok &= (a[1:][Z0[:, None] + np.arange(M)] == MIDDLE).all(1) & isd[M + 1 :][Z0]
     ok &= (Z[:, -1] + 3 == ce) & (a[1:][Z[:, -1]] == 93) & (a[2:][Z[:, -1]] == 125)  # "]}" and the end
-    L = np.empty_like(flat)  # digits of each number, once the separators between them are checked
-    np.subtract(flat[1:], flat[:-1], out=L[1:])
-    L -= 2
-    L = L.reshape(n, T)
-    L[:, 0] = Z0 - st - (P - 1)
-    L[:, 1] = Z[:, 1] - Z0 - M
-    longest = L.max(1)
-    ok &= longest <= 9  # longer numbers do not fit int32: left to the exact path
     lead = (isd[2:] > isd[:-2]) & (a[1:-1] == 48)  # "0" starting a longer number: not JSON
     if lead.any():
         ok[np.searchsorted(st, np.flatnonzero(lead) + 1, side="right") - 1] = False
-    width = int(longest[ok].max()) if ok.any() else 1
+    long = isd[:-4] & isd[1:-3]  # five digits in a row: some number is longer than four
+    long &= isd[2:-2]
+    long &= isd[3:-1]
+    long &= isd[4:]
+    width = 4
+    if long.any():
+        L = np.empty_like(flat)  # digits of each number, once the separators between them are checked
+        np.subtract(flat[1:], flat[:-1], out=L[1:])
+        L -= 2
+        L = L.reshape(n, T)
+        L[:, 0] = Z0 - st - (P - 1)
+        L[:, 1] = Z[:, 1] - Z0 - M
+        longest = L.max(1)
+        ok &= longest <= 9  # longer numbers do not fit int32: left to the exact path
+        width = int(longest[ok].max()) if ok.any() else 1
     # pairs[i]: the digits at i - 1 and i as a number, a non-digit counting 0 (numbers are at least two
     # bytes apart, so a pair never reaches into the number before); groups[i]: the four digits ending
     # at i (the upper pair only where i - 1 is a digit, else it could be the number before), with bit 15
@@ -343,7 +349,8 @@ def _parse_shared(slot: int, size: int, first: int, args: tuple) -> tuple[int, l
     k = len(parsed.labels)
     if size + 64 + parsed.codes.nbytes + 17 * k > len(buf):
         raise RuntimeError(f"import-jsonl: {k} samples do not fit a {len(buf)}-byte buffer")  # a bug, not bad input
-    for view, array in zip(_shared_arrays(buf, size, k, args[0], parsed.codes.dtype), dataclasses.astuple(parsed)):
+    arrays = (parsed.codes, parsed.labels, parsed.positions, parsed.val)
+    for view, array in zip(_shared_arrays(buf, size, k, args[0], parsed.codes.dtype), arrays):
         view[...] = array
     return k, parsed.errors
 

@@ -7,10 +7,10 @@ malformed one) goes through a JSON parser (orjson) and the line-by-line checks. 
 the same lines and give the same codes, and a malformed line is reported with its number either way.
 
 Blocks of whole lines are parsed in worker processes (numpy holds Python's interpreter lock for much
-of this work, so threads do not scale): the reading process copies each block into a buffer shared
-with the workers (an anonymous shared mapping, inherited through fork) and gets the samples back the
-same way, so only a few numbers go through pipes. Results are taken in file order, at most a few
-blocks ahead, so memory stays constant and the shards are the same for any number of workers.
+of this work, so threads did not scale): the reading process reads each block straight into a buffer
+shared with the workers (an anonymous shared mapping, inherited through fork) and takes the samples
+back from it, so only a few numbers go through the pipes. Results are taken in file order, at most a
+few blocks ahead, so memory stays constant and the shards are the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import ctypes
 import dataclasses
 import gzip
 import hashlib
-import itertools
 import lzma
 import mmap
 import multiprocessing
@@ -274,6 +273,7 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
             ) from None
 
     index, blocks, skipping, eof = 0, 0, False, False
+    newline = np.empty(size + limit + len(TOO_LONG), bool)  # scratch for counting lines (one allocation)
     carry = bytearray(3)
     carry = carry[: read(memoryview(carry))].removeprefix(BOM)  # a UTF-8 byte-order mark
     while True:
@@ -294,7 +294,7 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
         if skipping:  # the file ended inside it
             buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG), False
         cut = n if eof else buf.rfind(b"\n", 0, n) + 1
-        lines = int(np.count_nonzero(np.frombuffer(buf, np.uint8, cut) == 10))
+        lines = int(np.count_nonzero(np.equal(np.frombuffer(buf, np.uint8, cut), 10, out=newline[:cut])))
         carry = buf[cut:n]
         if len(carry) > limit:
             if not skip_bad:

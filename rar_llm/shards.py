@@ -13,10 +13,12 @@ interrupted writer leaves a folder that reads back consistently and can be resum
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -125,12 +127,23 @@ def check_resume(out_dir: Path, info: dict, keys: tuple[str, ...]) -> None:
 
 @dataclass
 class _Pending:
-    """A split's samples not yet in a shard, held in arrays of one shard's size (filled in place)."""
+    """A split's shard being written: codes go straight to its temporary file (the header says a full
+    shard until it is closed), class ids and positions wait in arrays of one shard's size."""
 
-    codes: np.ndarray
+    path: Path
+    codes: BinaryIO
     labels: np.ndarray
     positions: np.ndarray
     n: int = 0
+
+
+def _npy_header(dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header of a C-ordered array; numpy pads it so that a shorter shape has the same length."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return out.getvalue()
 
 
 @dataclass
@@ -211,7 +224,7 @@ class ShardWriter:
         return shards[-1].get("end_position", self.num_samples(split)) if shards else 0
 
     def add(self, split: str, codes: np.ndarray, labels: np.ndarray, positions: np.ndarray | None = None) -> None:
-        """Buffer samples; every ``shard_size`` of them become a shard.
+        """Add samples; every ``shard_size`` of them become a shard (their codes go to its file at once).
 
         ``positions`` (increasing ints, default: the sample count) place each sample in its source (a
         line, an image's crop); each shard records one past its last, for :meth:`resume_position`.
@@ -233,45 +246,56 @@ class ShardWriter:
             raise ValueError(f"codes outside the codebook 0..{self.codebook_size - 1}: {codes.min()}..{codes.max()}")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class ids outside 0..{self.num_classes - 1}: {labels.min()}..{labels.max()}")
-        pending = self._pending.get(split)
-        if pending is None:
-            pending = self._pending[split] = _Pending(
-                np.empty((self.shard_size, self.height, self.width), self.dtype),
-                np.empty(self.shard_size, np.int32),
-                np.empty(self.shard_size, np.int64),
-            )
         if positions is None:
-            start = self.resume_position(split) + pending.n
+            pending = self._pending.get(split)
+            start = self.resume_position(split) + (pending.n if pending else 0)
             positions = np.arange(start, start + len(labels))
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if positions.shape != labels.shape:
             raise ValueError(f"expected {labels.shape[0]} positions, one per sample, got {positions.shape[0]}")
         done = 0
         while done < len(labels):
+            pending = self._pending.get(split) or self._open(split)
             take = min(self.shard_size - pending.n, len(labels) - done)
             into, part = slice(pending.n, pending.n + take), slice(done, done + take)
-            pending.codes[into], pending.labels[into], pending.positions[into] = codes[part], labels[part], positions[part]
+            pending.codes.write(np.ascontiguousarray(codes[part], dtype=self.dtype).data)
+            pending.labels[into], pending.positions[into] = labels[part], positions[part]
             pending.n += take
             done += take
             if pending.n == self.shard_size:
                 self._flush(split)
 
+    def _name(self, split: str) -> str:
+        return f"{split}-{len(self.meta['splits'].get(split, [])):05d}"
+
+    def _open(self, split: str) -> _Pending:
+        path = self.data_dir / f"{self._name(split)}.codes.npy.tmp"
+        f = open(path, "wb")
+        f.write(_npy_header(self.dtype, (self.shard_size, self.height, self.width)))
+        pending = _Pending(path, f, np.empty(self.shard_size, np.int32), np.empty(self.shard_size, np.int64))
+        self._pending[split] = pending
+        return pending
+
     def _flush(self, split: str) -> None:
-        pending = self._pending.get(split)
-        if pending is None or not pending.n:
+        pending = self._pending.pop(split, None)
+        if pending is None:
             return
-        n = pending.n
+        n, name = pending.n, self._name(split)
+        with pending.codes as f:
+            if n < self.shard_size:
+                header = _npy_header(self.dtype, (n, self.height, self.width))
+                if len(header) != len(_npy_header(self.dtype, (self.shard_size, self.height, self.width))):
+                    raise RuntimeError(f"{pending.path}: the .npy header changed length")  # numpy pads it: a bug
+                f.seek(0)
+                f.write(header)
+        os.replace(pending.path, self.data_dir / f"{name}.codes.npy")
+        final = self.data_dir / f"{name}.labels.npy"
+        with open(final.with_name(final.name + ".tmp"), "wb") as f:
+            np.save(f, pending.labels[:n])
+        os.replace(final.with_name(final.name + ".tmp"), final)
         shards = self.meta["splits"].setdefault(split, [])
-        name = f"{split}-{len(shards):05d}"
-        for suffix, arr in (("codes", pending.codes[:n]), ("labels", pending.labels[:n])):
-            final = self.data_dir / f"{name}.{suffix}.npy"
-            tmp = final.with_name(final.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, final)
         shards.append({"file": name, "num_samples": int(n), "end_position": int(pending.positions[n - 1]) + 1})
         _write_json_atomic(self.data_dir / META, self.meta)
-        pending.n = 0
 
     def close(self) -> None:
         """Write what is buffered as final (possibly short) shards."""
@@ -285,6 +309,10 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         else:
+            for pending in self._pending.values():  # unfinished shards: never listed, not kept
+                pending.codes.close()
+                pending.path.unlink(missing_ok=True)
+            self._pending = {}
             self.discard()
 
     def discard(self) -> None:

@@ -4,7 +4,7 @@ RAR's released ``maskgitvq.jsonl`` has 12.8M lines ``{"class_id": int, "tokens":
 as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then times, in this process:
 
 - ``old``: the import as it was before the fast parser: ``json.loads`` and per-line checks of every
-  line, a progress-bar update per line, the samples handed to the shard writer in chunks;
+  line, a progress-bar update per line, the samples handed to (today's) shard writer in chunks;
 - ``shipped``: ``rar_llm.jsonl.import_jsonl`` parsing in its own process (``workers=0``: the speed of
   one core), and as the CLI runs it (worker processes, one per core, for a file this large).
 
@@ -13,7 +13,7 @@ Lines per second of wall time are printed, and for the single-process runs per s
 
 Both write the same shards (checked), so the ratio of lines/s is the speed-up of the import.
 
-    python bench/import_jsonl.py                       # 200k lines (about 260 MB)
+    python bench/import_jsonl.py --repeats 5           # 200k lines (about 260 MB), five rounds
     python bench/import_jsonl.py --lines 20000 --old_lines 20000
 """
 

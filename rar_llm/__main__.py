@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"rar-llm {command}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on where that is possible
+        if debug:
+            raise
+        hint = "; rerun the command with --resume true to continue" if command in ("tokenize", "import-jsonl") else ""
+        print(f"rar-llm {command}: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -574,6 +574,27 @@ def test_import_jsonl_worker_failures_reach_the_caller_and_leave_no_process(tmp_
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written left
 
 
+def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from rar_llm.__main__ import main
+    from rar_llm.shards import ShardWriter
+
+    path = tmp_path / "codes.jsonl"
+    write_jsonl(path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "add", interrupted)  # in the reading process, where Ctrl-C lands
+    args = ["import-jsonl", "--jsonl", str(path), "--out_dir", str(tmp_path / "out"), "--grid", "4",
+            "--codebook_size", "16", "--num_classes", "5"]
+    for workers in ("0", "2"):
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--workers", workers])
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == "rar-llm import-jsonl: interrupted; rerun the command with --resume true to continue"
+
+
 def test_import_jsonl_uses_workers_for_large_files_only(tmp_path, monkeypatch):
     path = tmp_path / "codes.jsonl"
     write_jsonl(path)

@@ -16,7 +16,6 @@ few blocks ahead, so memory stays constant and the shards are the same for any n
 from __future__ import annotations
 
 import bz2
-import ctypes
 import dataclasses
 import gzip
 import hashlib
@@ -313,22 +312,24 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
 _SHARED: list[mmap.mmap] = []  # in a worker process: the buffers it shares with the reading process
 
 
-def _start_worker(buffers: list[mmap.mmap]) -> None:
-    """Keep the shared buffers, leave Ctrl-C to the reading process, and keep the heap.
+def _keep_heap() -> None:
+    """Let the C heap keep what a block frees, so that the next block does not page-fault it back in.
 
-    Each block allocates and frees some MB of numpy temporaries; glibc's default returns freed memory
-    at the top of the heap to the system at once, so every block page-faulted it back in and parsed
-    2-3x slower. A worker is ours, so it turns that off (``mallopt``: no trimming, no mmap for blocks).
+    Each block allocates and frees some MB of numpy temporaries. glibc returns freed memory at the
+    top of the heap to the system once more than its trim threshold is free; the threshold starts
+    at 128 KiB and grows to twice the largest mmap-ed block freed so far (``man mallopt``). Without
+    this, parsing in a block loop measured 2-3x slower. One freed 24 MiB block sets the threshold
+    to 48 MiB, above a block's temporaries: what any program that once freed such an array gets.
     """
+    np.empty(24 << 20, np.uint8)
+
+
+def _start_worker(buffers: list[mmap.mmap]) -> None:
+    """Keep the shared buffers and the heap; leave Ctrl-C to the reading process."""
     global _SHARED
     _SHARED = buffers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD (its maximum)
-    except (OSError, AttributeError):  # not glibc: parsing is only slower
-        pass
+    _keep_heap()
 
 
 def _shared_arrays(buf: mmap.mmap, offset: int, k: int, num_tokens: int, dtype) -> list[np.ndarray]:
@@ -363,6 +364,7 @@ def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
     T, codebook_size = args[0], args[1]
     capacity = size + limit + len(TOO_LONG)  # the most a block can hold
     if workers < 1:
+        _keep_heap()
         buffers = [mmap.mmap(-1, capacity)]
         for first, _, length in _read_blocks(f, path, *read_args, buffers):
             yield _parse_chunk(Lines.split(memoryview(buffers[0])[:length]), first, *args)

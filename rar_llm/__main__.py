@@ -7,6 +7,7 @@ first) for the full traceback of a bug report.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -14,37 +15,32 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, ImportError)
 
 
-def commands() -> dict:
-    """Subcommand name -> function (imported here, so ``rar-llm --help`` lists them all)."""
-    from rar_llm.classifier import train_classifier
-    from rar_llm.corpora import pydoc_topics, train_bpe
-    from rar_llm.demo import demo
-    from rar_llm.evaluate import evaluate_cli
-    from rar_llm.export import export, import_hf
-    from rar_llm.extend import extend
-    from rar_llm.fashion import fashion_mnist, train_vq
-    from rar_llm.init import init
-    from rar_llm.jsonl import import_jsonl
-    from rar_llm.prepare import digits, tokenize
-    from rar_llm.sample import sample
+COMMANDS = {  # subcommand -> "module:function", imported only when needed (litgpt alone takes seconds)
+    "demo": "rar_llm.demo:demo",
+    "init": "rar_llm.init:init",
+    "extend": "rar_llm.extend:extend",
+    "digits": "rar_llm.prepare:digits",
+    "fashion-mnist": "rar_llm.fashion:fashion_mnist",
+    "train-vq": "rar_llm.fashion:train_vq",
+    "train-classifier": "rar_llm.classifier:train_classifier",
+    "sample": "rar_llm.sample:sample",
+    "tokenize": "rar_llm.prepare:tokenize",
+    "import-jsonl": "rar_llm.jsonl:import_jsonl",
+    "evaluate": "rar_llm.evaluate:evaluate_cli",
+    "export": "rar_llm.export:export",
+    "import-hf": "rar_llm.export:import_hf",
+    "pydoc-topics": "rar_llm.corpora:pydoc_topics",
+    "train-bpe": "rar_llm.corpora:train_bpe",
+}
 
-    return {
-        "demo": demo,
-        "init": init,
-        "extend": extend,
-        "digits": digits,
-        "fashion-mnist": fashion_mnist,
-        "train-vq": train_vq,
-        "train-classifier": train_classifier,
-        "sample": sample,
-        "tokenize": tokenize,
-        "import-jsonl": import_jsonl,
-        "evaluate": evaluate_cli,
-        "export": export,
-        "import-hf": import_hf,
-        "pydoc-topics": pydoc_topics,
-        "train-bpe": train_bpe,
-    }
+
+def commands(names: list[str] | None = None) -> dict:
+    """Subcommand name -> function, for ``names`` (default: all, so that ``rar-llm --help`` lists them)."""
+    out = {}
+    for name in names or COMMANDS:
+        module, function = COMMANDS[name].split(":")
+        out[name] = getattr(importlib.import_module(module), function)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         debug, argv = True, argv[1:]
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
-        CLI(commands(), as_positional=False, args=argv)
+        CLI(commands([command] if command in COMMANDS else None), as_positional=False, args=argv)
     except USER_ERRORS as e:
         if debug:
             raise

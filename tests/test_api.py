@@ -224,8 +224,20 @@ def test_help_lists_closed_choices():
     text = parser._subcommands_action.choices["sample"].format_help()
     for choice in ("{constant,linear,power_cosine}", "{auto,float32,bfloat16,float16}", "spiral_in"):
         assert choice in text
-    init_help = parser._subcommands_action.choices["init"].format_help()
-    assert "{normal,sincos}" in init_help
+    parser = capture_parser(lambda: main(["init", "--out_dir", "x"]))  # a parser holds the command it runs
+    assert "{normal,sincos}" in parser._subcommands_action.choices["init"].format_help()
+
+
+def test_a_command_imports_only_its_own_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rar_llm.__main__ import main\n"
+            "try: main(['import-jsonl', '--help'])\n"
+            "except SystemExit: pass\n"
+            "print('litgpt' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"  # rar-llm import-jsonl starts in a fraction of a second
 
 
 def test_a_folder_never_shadows_a_layout_name(tmp_path, monkeypatch):

@@ -288,7 +288,8 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
                     n -= got
                     continue
                 buf.move(len(TOO_LONG), end, n - end)
-                buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG) + n - end, False
+                buf[: len(TOO_LONG)], n, skipping, whole = TOO_LONG, len(TOO_LONG) + n - end, False, True
+                continue
             whole = whole or buf.find(b"\n", n - got, n) >= 0
         if skipping:  # the file ended inside it
             buf[: len(TOO_LONG)], n, skipping = TOO_LONG, len(TOO_LONG), False

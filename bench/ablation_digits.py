@@ -134,6 +134,15 @@ def score(model: GPT, data_dir: Path, layout: VocabLayout, per_class: int, guida
     return evaluate(codes.numpy(), classes.numpy(), data_dir, model=model, layout=layout, seed=seed)
 
 
+def merged_rows(files: list[Path]) -> dict[str, list[dict]]:
+    """The rows of result files saved by several processes (one per seed), runs of a variant joined."""
+    rows: dict[str, list[dict]] = {}
+    for f in files:
+        for name, runs in json.loads(Path(f).read_text())["rows"].items():
+            rows.setdefault(name, []).extend(runs)
+    return rows
+
+
 def table(rows: dict[str, list[dict]]) -> str:
     """Markdown table of mean ± spread (half the range) per variant. Each seed trains its own feature
     classifier, so the real-vs-real floor is one figure per seed, summarised the same way."""
@@ -161,12 +170,7 @@ def main(seeds: int = 3, first_seed: int = 0, steps: int = 400, batch_size: int 
     ``--merge '[a.json, b.json]'`` prints one table over runs saved by several processes (one per seed).
     """
     if merge:
-        saved = [json.loads(Path(f).read_text()) for f in merge]
-        rows: dict[str, list[dict]] = {}
-        for d in saved:
-            for name, runs in d["rows"].items():
-                rows.setdefault(name, []).extend(runs)
-        print(table(rows))
+        print(table(merged_rows(merge)))
         return
     unknown = set(variants) - set(VARIANTS)
     if unknown:

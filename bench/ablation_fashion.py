@@ -154,10 +154,7 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
     so that a run takes about 5 minutes on one idle core. ``per_class`` samples per class are scored.
     """
     if merge:
-        rows: dict[str, list[dict]] = {}
-        for f in merge:
-            for name, runs in json.loads(Path(f).read_text())["rows"].items():
-                rows.setdefault(name, []).extend(runs)
+        rows = ablation_digits.merged_rows(merge)
         print(merged_table(rows))
         print()
         print(comparisons(rows))

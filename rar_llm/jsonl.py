@@ -16,7 +16,6 @@ few blocks ahead, so memory stays constant and the shards are the same for any n
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import gzip
 import hashlib
 import lzma
@@ -27,6 +26,7 @@ import signal
 import sys
 import zlib
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,7 @@ def _parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: i
     return label, np.array(tokens, dtype=np.int64)
 
 
-@dataclasses.dataclass
+@dataclass
 class Lines:
     """Consecutive lines of the file in one ``blob``: line i ends at ``ends[i]`` (its "\\n", or the blob's end)."""
 
@@ -207,7 +207,7 @@ def _fast_block(
     return ok, labels.astype(np.int64), codes.astype(dtype)
 
 
-@dataclasses.dataclass
+@dataclass
 class Parsed:
     """A chunk's samples in file order, and its malformed lines as ``(line index, problem)``."""
 
@@ -271,14 +271,14 @@ def _read_blocks(f, path: Path, size: int, limit: int, skip_bad: bool, buffers: 
                 "the file is damaged or truncated, download it again"
             ) from None
 
-    index, blocks, skipping, eof = 0, 0, False, False
-    newline = np.empty(size + limit + len(TOO_LONG), bool)  # scratch for counting lines (one allocation)
+    index, blocks, skipping, eof, room = 0, 0, False, False, size + limit + len(TOO_LONG)
+    newline = np.empty(room, bool)  # scratch for counting lines (one allocation)
     carry = bytearray(3)
     carry = carry[: read(memoryview(carry))].removeprefix(BOM)  # a UTF-8 byte-order mark
     while True:
         buf = buffers[blocks % len(buffers)]
         buf[: len(carry)] = carry
-        n, whole, room = len(carry), False, size + limit + len(TOO_LONG)
+        n, whole = len(carry), False
         while not eof and (n < len(carry) + size or not whole) and n < room:  # read on to a line end
             got = read(memoryview(buf)[n : len(carry) + size if n < len(carry) + size else min(room, n + size)])
             eof, n = not got, n + got
@@ -362,7 +362,7 @@ def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
     order; in ``workers`` processes if any, at most ``2 * workers`` blocks ahead of the one being
     written (each result may be a view of a shared buffer, valid until the next is asked for)."""
     size, limit, _ = read_args
-    T, codebook_size = args[0], args[1]
+    T, dtype = args[0], code_dtype(args[1])
     capacity = size + limit + len(TOO_LONG)  # the most a block can hold
     if workers < 1:
         _keep_heap()
@@ -371,7 +371,7 @@ def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
             yield _parse_chunk(Lines.split(memoryview(buffers[0])[:length]), first, *args)
         return
     # then room for the samples: a line that gives one has at least 2 * T + 24 bytes
-    capacity += (capacity // (2 * T + 24) + 1) * (T * np.dtype(code_dtype(codebook_size)).itemsize + 17) + 64
+    capacity += (capacity // (2 * T + 24) + 1) * (T * np.dtype(dtype).itemsize + 17) + 64
     buffers = [mmap.mmap(-1, capacity) for _ in range(2 * workers + 1)]
     context = multiprocessing.get_context("fork")
     links, processes, pending, done = [], [], deque(), False
@@ -396,7 +396,7 @@ def _parsed(f, path: Path, read_args: tuple, args: tuple, workers: int):
                     raise died(i) from None
                 if isinstance(k, BaseException):
                     raise k
-                yield Parsed(*_shared_arrays(buffers[slot], length, k, T, code_dtype(codebook_size)), errors)
+                yield Parsed(*_shared_arrays(buffers[slot], length, k, T, dtype), errors)
 
         for n, (first, slot, length) in enumerate(_read_blocks(f, path, *read_args, buffers)):
             i = n % workers  # in turn, so that results come back in file order

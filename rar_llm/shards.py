@@ -289,10 +289,10 @@ class ShardWriter:
                 f.seek(0)
                 f.write(header)
         os.replace(pending.path, self.data_dir / f"{name}.codes.npy")
-        final = self.data_dir / f"{name}.labels.npy"
-        with open(final.with_name(final.name + ".tmp"), "wb") as f:
+        tmp = self.data_dir / f"{name}.labels.npy.tmp"
+        with open(tmp, "wb") as f:
             np.save(f, pending.labels[:n])
-        os.replace(final.with_name(final.name + ".tmp"), final)
+        os.replace(tmp, self.data_dir / f"{name}.labels.npy")
         shards = self.meta["splits"].setdefault(split, [])
         shards.append({"file": name, "num_samples": int(n), "end_position": int(pending.positions[n - 1]) + 1})
         _write_json_atomic(self.data_dir / META, self.meta)

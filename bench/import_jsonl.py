@@ -9,7 +9,8 @@ as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then ti
   one core), and as the CLI runs it (worker processes, one per core, for a file this large).
 
 Lines per second of wall time are printed, and for the single-process runs per second of CPU time
-(steadier on a machine shared with other jobs). Rounds alternate the three; medians are reported.
+(steadier on a machine shared with other jobs); for the CLI run, the CPU per line of the reading
+process and of the workers. Rounds alternate the three; medians are reported.
 
 Both write the same shards (checked), so the ratio of lines/s is the speed-up of the import.
 
@@ -24,6 +25,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would only add noise
 
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -35,6 +37,12 @@ from tqdm import tqdm
 
 from rar_llm.jsonl import auto_workers, import_jsonl
 from rar_llm.shards import ShardWriter, Shards
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished child processes: import-jsonl's workers."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def write_rar_like(path: Path, lines: int, seed: int = 0) -> None:
@@ -124,13 +132,16 @@ def main(lines: int = 200_000, old_lines: int = 50_000, repeats: int = 3, keep: 
         }
         wall: dict[str, list[float]] = {name: [] for name in runs}
         cpu: dict[str, list[float]] = {name: [] for name in runs}
+        worker_us: list[float] = []  # CPU microseconds per line in the worker processes (joined children)
         for r in range(repeats):
             for name, (_, m, run) in runs.items():
                 out = tmp / f"{name}-{r}"
-                t, c = time.perf_counter(), time.process_time()
+                t, c, k = time.perf_counter(), time.process_time(), children_cpu()
                 run(out)
                 wall[name].append(m / (time.perf_counter() - t))
                 cpu[name].append(m / (time.process_time() - c))
+                if name == "cli":
+                    worker_us.append((children_cpu() - k) / m * 1e6)
                 if r:
                     shutil.rmtree(out)  # round 0's are compared below
         med = {name: (float(np.median(wall[name])), float(np.median(cpu[name]))) for name in runs}
@@ -139,6 +150,8 @@ def main(lines: int = 200_000, old_lines: int = 50_000, repeats: int = 3, keep: 
             print(f"{label + ':':44s} {med[name][0]:9,.0f} lines/s wall (x{med[name][0] / med['old'][0]:.1f}){per_cpu}; "
                   f"runs: {', '.join(f'{x:,.0f}' for x in wall[name])} ({m} lines)")
 
+        print(f"CPU per line as the CLI runs it: {1e6 / med['cli'][1]:.2f} us in the reading process, "
+              f"{float(np.median(worker_us)):.2f} us in the workers (medians)")
         a, b, c = (Shards(tmp / f"{name}-0", "train") for name in runs)
         k = min(len(a), 1000)
         assert all(np.array_equal(a[i][0], x[i][0]) and a[i][1] == x[i][1] for x in (b, c) for i in range(k)), "shards differ"

@@ -29,12 +29,12 @@ from jsonargparse import CLI
 from litgpt.model import GPT
 from litgpt.utils import chunked_cross_entropy
 
-from rar_llm.data import RARData
-from rar_llm.evaluate import evaluate, heldout_nll
-from rar_llm.sampling import generate
-from rar_llm.init import init_weights, model_config
-from rar_llm.prepare import digits
-from rar_llm.shards import Shards, ShardWriter, read_meta
+from rar_llm.data.rar import RARData
+from rar_llm.eval.evaluate import evaluate, heldout_nll
+from rar_llm.sampling.loop import generate
+from rar_llm.checkpoint import init_weights, model_config
+from rar_llm.data.digits import digits
+from rar_llm.data.shards import Shards, ShardWriter, read_meta
 from rar_llm.vocab import VocabLayout
 
 # name: (anneal_start, anneal_end, r_end, position-token init, model config overrides, shift augmentation)

@@ -32,15 +32,15 @@ from litgpt.model import GPT
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_digits  # noqa: E402  (its training loop and table())
 
-from rar_llm.classifier import CNNClassifier, train_classifier  # noqa: E402
-from rar_llm.data import RARData  # noqa: E402
-from rar_llm.draw import image_grid  # noqa: E402
-from rar_llm.evaluate import evaluate  # noqa: E402
-from rar_llm.fashion import CLASS_NAMES, load_split, to_float  # noqa: E402
-from rar_llm.init import init_weights, model_config  # noqa: E402
-from rar_llm.sampling import generate  # noqa: E402
-from rar_llm.shards import ShardWriter  # noqa: E402
-from rar_llm.fashion import train_vq  # noqa: E402
+from rar_llm.eval.classifier import CNNClassifier, train_classifier  # noqa: E402
+from rar_llm.data.rar import RARData  # noqa: E402
+from rar_llm.tokenizers.draw import image_grid  # noqa: E402
+from rar_llm.eval.evaluate import evaluate  # noqa: E402
+from rar_llm.data.fashion import CLASS_NAMES, load_split, to_float  # noqa: E402
+from rar_llm.checkpoint import init_weights, model_config  # noqa: E402
+from rar_llm.sampling.loop import generate  # noqa: E402
+from rar_llm.data.shards import ShardWriter  # noqa: E402
+from rar_llm.tokenizers.train_vq import train_vq  # noqa: E402
 from rar_llm.tokenizers.vq import VQTokenizer  # noqa: E402
 from rar_llm.vocab import VocabLayout  # noqa: E402
 

@@ -14,7 +14,7 @@ All on this machine, no download, every training run a ``litgpt finetune_full`` 
 Scored on each final checkpoint: text validation loss (mean next-token cross-entropy, full softmax, on
 ``MixedData``'s held-out text chunks, never trained on), the probability mass the model puts on image
 ids while reading that text, prompted class consistency ("a handwritten seven", 20 samples per digit,
-guidance 1 and 3, by the evaluation classifier of ``rar_llm.evaluate``), feature Frechet of those samples
+guidance 1 and 3, by the evaluation classifier of ``rar_llm.eval.evaluate``), feature Frechet of those samples
 against the held-out digits (200 samples, so compare with the 200-image floor printed last), and
 class-id consistency and Frechet at guidance 3.
 
@@ -78,9 +78,9 @@ def litgpt(config: dict, work: Path, name: str, script: str = "finetune_full", e
 
 def text_stream(topics: Path):
     """The pydoc texts as ``MixedData`` packs them, and where its held-out chunks start."""
-    from rar_llm.corpora import read_documents
-    from rar_llm.mixed import pack
-    from rar_llm.textbase import load_text_tokenizer
+    from rar_llm.data.corpora import read_documents
+    from rar_llm.data.mixed import pack
+    from rar_llm.text.base import load_text_tokenizer
 
     base = load_text_tokenizer("hf:text/pydoc_bpe1024.json")
     stream = pack([base.encode(d) for d in read_documents([topics])], base.eos_id)
@@ -90,8 +90,8 @@ def text_stream(topics: Path):
 
 
 def prepare(work: Path) -> dict:
-    from rar_llm.corpora import pydoc_topics
-    from rar_llm.prepare import digits
+    from rar_llm.data.corpora import pydoc_topics
+    from rar_llm.data.digits import digits
 
     paths = {"digits": work / "data" / "digits", "topics": work / "data" / "pydoc_topics.jsonl",
              "chunks": work / "data" / "pydoc_train_chunks.json"}
@@ -113,7 +113,7 @@ def base_checkpoint(work: Path, paths: dict) -> Path:
     from litgpt.model import GPT
     from litgpt.utils import save_config
 
-    from rar_llm.init import init_weights
+    from rar_llm.checkpoint import init_weights
 
     final = work / "out" / "base" / "final"
     if (final / "lit_model.pth").is_file():
@@ -181,9 +181,9 @@ def text_scores(model, stream: np.ndarray, cut: int, text_vocab: int) -> dict:
 
 
 def image_scores(model, paths: dict, per_class: int = 20) -> dict:
-    """Prompted (guidance 1 and 3) and class-id (guidance 3) samples, scored by rar_llm.evaluate."""
-    from rar_llm.evaluate import evaluate
-    from rar_llm.sampling import generate, generate_from_prompt
+    """Prompted (guidance 1 and 3) and class-id (guidance 3) samples, scored by rar_llm.eval.evaluate."""
+    from rar_llm.eval.evaluate import evaluate
+    from rar_llm.sampling.loop import generate, generate_from_prompt
 
     layout = model.layout
     out: dict = {}

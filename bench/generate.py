@@ -3,7 +3,7 @@
 Compares, in one process and on the same model:
   cached         rar_llm.generate as shipped: litgpt's KV cache, two tokens per step, batch 4 (+4 null),
                  weights and cache in ``--dtype`` (bfloat16: the CPU's avx512_bf16 matmuls), linear
-                 weights prepacked for oneDNN (``rar_llm.prepack.prepacked``)
+                 weights prepacked for oneDNN (``rar_llm.sampling.prepack.prepacked``)
   unpacked       cached without prepacking (ATen's default matmul)
   plain float32  the plain two-tokens-per-step litgpt loop: float32, no prepacking (the reference's loop)
   float32        cached with float32 weights (prepacked)
@@ -57,9 +57,9 @@ def bench(
     from litgpt.model import GPT
 
     from rar_llm.checkpoint import default_dtype
-    from rar_llm.decoding import RAR_PRESETS
-    from rar_llm.init import init_weights, model_config
-    from rar_llm.sampling import generate
+    from rar_llm.sampling.decoding import RAR_PRESETS
+    from rar_llm.checkpoint import init_weights, model_config
+    from rar_llm.sampling.loop import generate
     from rar_llm.vocab import VocabLayout
 
     torch.set_num_threads(threads)

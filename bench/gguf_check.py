@@ -23,7 +23,7 @@ def random_checkpoint(out_dir: Path) -> Path:
     """A rar-tiny digits checkpoint whose norm weights are random too (so their mapping is checked)."""
     import torch
 
-    from rar_llm.init import init
+    from rar_llm.checkpoint import init
 
     init(out_dir, model="rar-tiny", layout="digits")
     sd = torch.load(out_dir / "lit_model.pth")
@@ -57,7 +57,7 @@ def gguf_check(
     from litgpt.model import GPT
 
     from rar_llm.checkpoint import load_checkpoint
-    from rar_llm.export import export
+    from rar_llm.serve.export import export
     from rar_llm.permute import interleave
 
     torch.set_num_threads(threads)

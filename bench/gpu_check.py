@@ -154,7 +154,7 @@ class Ctx:
         import torch
         from litgpt.model import GPT
 
-        from rar_llm.init import init_weights, model_config
+        from rar_llm.checkpoint import init_weights, model_config
 
         torch.manual_seed(0)
         with torch.device("meta"):
@@ -374,7 +374,7 @@ def part_tokenize(ctx: Ctx) -> dict:
     import torch
     from PIL import Image
 
-    from rar_llm.shards import Shards
+    from rar_llm.data.shards import Shards
     from rar_llm.tokenizers import load_tokenizer
 
     images = ctx.work / "images"
@@ -415,7 +415,7 @@ def part_tokenize(ctx: Ctx) -> dict:
     train = Shards(out, "train")
     codes = np.stack([train[i][0] for i in range(len(train))])
     # the same crops, encoded here on the CPU: the reference for the device's codes
-    from rar_llm.prepare import center_crop_adm
+    from rar_llm.data.images import center_crop_adm
 
     files = sorted(images.rglob("*.png"))
     size = tokenizer.image_size[0]
@@ -565,7 +565,7 @@ def flash_attn_2_microbench(ctx: Ctx) -> dict:
     from flash_attn import flash_attn_func
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rar_llm.init import model_config
+    from rar_llm.checkpoint import model_config
 
     c = model_config(ctx.model_name, ctx.layout)
     B, T, H, D = 32, ctx.layout.seq_len, c.n_head, c.head_size
@@ -762,7 +762,7 @@ def part_training(ctx: Ctx) -> dict:
 def write_random_data(ctx: Ctx, out: Path, n_train: int, n_val: int) -> Path:
     import numpy as np
 
-    from rar_llm.shards import ShardWriter
+    from rar_llm.data.shards import ShardWriter
 
     L = ctx.layout
     rng = np.random.default_rng(0)
@@ -776,7 +776,7 @@ def part_finetune_full(ctx: Ctx) -> dict:
     import torch
 
     from rar_llm.checkpoint import load_checkpoint
-    from rar_llm.init import init
+    from rar_llm.checkpoint import init
 
     n_gpus = torch.cuda.device_count() if ctx.cuda else 0
     devices = max(1, n_gpus)
@@ -894,7 +894,7 @@ def _litgpt_launch() -> None:
 
     atexit.register(at_exit)
 
-    from rar_llm import data as rd
+    from rar_llm.data import rar as rd
 
     base = L.Fabric
     force = os.environ.get("RAR_GPU_CHECK_FORCE_FSDP") == "1"
@@ -968,7 +968,7 @@ class StaticDecoder:
                  greedy: bool = False, seed: int = 0):
         import torch
 
-        from rar_llm.decoding import guidance_scale
+        from rar_llm.sampling.decoding import guidance_scale
 
         L, B, n = self.layout, self.batch, self.layout.num_positions
         torch.manual_seed(seed)
@@ -991,8 +991,8 @@ class StaticDecoder:
 def part_sampling(ctx: Ctx) -> dict:
     import torch
 
-    from rar_llm.decoding import RAR_PRESETS
-    from rar_llm.sampling import generate
+    from rar_llm.sampling.decoding import RAR_PRESETS
+    from rar_llm.sampling.loop import generate
     from rar_llm.tokenizers import load_tokenizer
 
     preset = RAR_PRESETS["rar-b"]

@@ -5,7 +5,7 @@ as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then ti
 
 - ``old``: the import as it was before the fast parser: ``json.loads`` and per-line checks of every
   line, a progress-bar update per line, the samples handed to (today's) shard writer in chunks;
-- ``shipped``: ``rar_llm.jsonl.import_jsonl`` parsing in its own process (``workers=0``: the speed of
+- ``shipped``: ``rar_llm.data.jsonl.import_jsonl`` parsing in its own process (``workers=0``: the speed of
   one core), and as the CLI runs it (worker processes, one per core, for a file this large).
 
 Lines per second of wall time are printed, and for the single-process runs per second of CPU time
@@ -35,8 +35,8 @@ import numpy as np
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from rar_llm.jsonl import auto_workers, import_jsonl
-from rar_llm.shards import ShardWriter, Shards
+from rar_llm.data.jsonl import auto_workers, import_jsonl
+from rar_llm.data.shards import ShardWriter, Shards
 
 
 def children_cpu() -> float:

@@ -1,7 +1,7 @@
 """Does bfloat16 sampling (the default on CPUs that run it natively) cost sample quality? fp32 vs bf16.
 
 On one trained checkpoint (default: the demo's), samples every class with each dtype and several
-sampling seeds, scores them with ``rar_llm.evaluate.evaluate`` (one classifier, seed 0, for all) and
+sampling seeds, scores them with ``rar_llm.eval.evaluate.evaluate`` (one classifier, seed 0, for all) and
 prints feature Fréchet and class consistency per seed, their mean ± half range, and the bf16 - fp32
 difference beside the seed-to-seed spread of fp32 itself.
 
@@ -29,7 +29,7 @@ def main(
     import torch
 
     import rar_llm
-    from rar_llm.evaluate import evaluate
+    from rar_llm.eval.evaluate import evaluate
 
     torch.set_num_threads(threads)
     rows: dict[str, list[dict]] = {}

@@ -1,6 +1,6 @@
 """Throughput of MaskGIT-VQGAN tokenization (random weights: speed does not depend on their values).
 
-Two figures: the encoder alone on a batch of synthetic 256x256 images, and ``rar_llm.prepare.tokenize``
+Two figures: the encoder alone on a batch of synthetic 256x256 images, and ``rar_llm.data.images.tokenize``
 end to end on a folder of synthetic JPEGs (decode, ADM crop + flip, encode, shards).
 
     python bench/tokenize_images.py                          # CPU, small defaults
@@ -18,7 +18,7 @@ import torch
 from jsonargparse import CLI
 from PIL import Image
 
-from rar_llm.prepare import tokenize
+from rar_llm.data.images import tokenize
 from rar_llm.tokenizers import MaskGITVQGAN
 
 

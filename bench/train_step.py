@@ -23,7 +23,7 @@ from jsonargparse import CLI
 from litgpt.model import GPT
 from litgpt.utils import chunked_cross_entropy
 
-from rar_llm.init import init_weights, model_config
+from rar_llm.checkpoint import init_weights, model_config
 from rar_llm.permute import IGNORE_INDEX, Permutation
 from rar_llm.vocab import VocabLayout
 

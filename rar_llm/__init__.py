@@ -12,23 +12,23 @@ import importlib
 from typing import TYPE_CHECKING
 
 _LAZY = {  # name -> module; imported on first use, so `import rar_llm` itself imports nothing heavy
-    "RAR_PRESETS": "rar_llm.decoding",
+    "RAR_PRESETS": "rar_llm.sampling.decoding",
     "Permutation": "rar_llm.permute",
     "anneal_r": "rar_llm.permute",
     "interleave": "rar_llm.permute",
     "VocabLayout": "rar_llm.vocab",
-    "generate": "rar_llm.sampling",
-    "generate_from_prompt": "rar_llm.sampling",
+    "generate": "rar_llm.sampling.loop",
+    "generate_from_prompt": "rar_llm.sampling.loop",
     "load_model": "rar_llm.checkpoint",
-    "vllm_generate": "rar_llm.vllm_batch",
+    "vllm_generate": "rar_llm.serve.batch",
 }
 
 if TYPE_CHECKING:
     from rar_llm.checkpoint import load_model
-    from rar_llm.decoding import RAR_PRESETS
+    from rar_llm.sampling.decoding import RAR_PRESETS
     from rar_llm.permute import Permutation, anneal_r, interleave
-    from rar_llm.sampling import generate, generate_from_prompt
-    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.sampling.loop import generate, generate_from_prompt
+    from rar_llm.serve.batch import vllm_generate
     from rar_llm.vocab import VocabLayout
 
 

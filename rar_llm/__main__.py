@@ -17,20 +17,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 COMMANDS = {  # subcommand -> "module:function", imported only when needed (litgpt alone takes seconds)
     "demo": "rar_llm.demo:demo",
-    "init": "rar_llm.init:init",
+    "init": "rar_llm.checkpoint:init",
     "extend": "rar_llm.extend:extend",
-    "digits": "rar_llm.prepare:digits",
-    "fashion-mnist": "rar_llm.fashion:fashion_mnist",
-    "train-vq": "rar_llm.fashion:train_vq",
-    "train-classifier": "rar_llm.classifier:train_classifier",
-    "sample": "rar_llm.sample:sample",
-    "tokenize": "rar_llm.prepare:tokenize",
-    "import-jsonl": "rar_llm.jsonl:import_jsonl",
-    "evaluate": "rar_llm.evaluate:evaluate_cli",
-    "export": "rar_llm.export:export",
-    "import-hf": "rar_llm.export:import_hf",
-    "pydoc-topics": "rar_llm.corpora:pydoc_topics",
-    "train-bpe": "rar_llm.corpora:train_bpe",
+    "digits": "rar_llm.data.digits:digits",
+    "fashion-mnist": "rar_llm.data.fashion:fashion_mnist",
+    "train-vq": "rar_llm.tokenizers.train_vq:train_vq",
+    "train-classifier": "rar_llm.eval.classifier:train_classifier",
+    "sample": "rar_llm.sampling.cli:sample",
+    "tokenize": "rar_llm.data.images:tokenize",
+    "import-jsonl": "rar_llm.data.jsonl:import_jsonl",
+    "evaluate": "rar_llm.eval.evaluate:evaluate_cli",
+    "export": "rar_llm.serve.export:export",
+    "import-hf": "rar_llm.serve.export:import_hf",
+    "pydoc-topics": "rar_llm.data.corpora:pydoc_topics",
+    "train-bpe": "rar_llm.data.corpora:train_bpe",
 }
 
 

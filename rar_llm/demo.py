@@ -18,12 +18,12 @@ import torch
 import yaml
 
 from rar_llm.checkpoint import load_model
-from rar_llm.draw import image_grid, to_pixels
-from rar_llm.evaluate import evaluate, format_metrics
-from rar_llm.init import init
+from rar_llm.tokenizers.draw import image_grid, to_pixels
+from rar_llm.eval.evaluate import evaluate, format_metrics
+from rar_llm.checkpoint import init
 from rar_llm.outputs import claim_outputs
-from rar_llm.prepare import digits
-from rar_llm.sampling import generate
+from rar_llm.data.digits import digits
+from rar_llm.sampling.loop import generate
 
 OUTPUTS = ("data", "init", "train", "recipe.yaml", "samples.png", "codes.npy", "labels.npy", "metrics.json")
 

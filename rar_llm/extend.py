@@ -32,7 +32,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from rar_llm.checkpoint import CONFIG, WEIGHTS, check_weights, read_config, read_weights
 from rar_llm.outputs import claim_outputs
-from rar_llm.textbase import append_tokens, load_text_tokenizer, sentencepiece_to_hf
+from rar_llm.text.base import append_tokens, load_text_tokenizer, sentencepiece_to_hf
 from rar_llm.vocab import LAYOUT_KEY, VocabLayout
 
 HF_BASE = "base_tokenizer.json"  # the base's tokenizer.json, as the layout's text_tokenizer

@@ -32,7 +32,7 @@ class VocabLayout:
     height, width: the code grid; one position token per cell.
     num_classes: class-conditioning tokens; one more token is the null class used for guidance.
     text_vocab_size: ids ``[0, text_vocab_size)`` belong to a base text tokenizer (0: image only).
-    text_tokenizer: how to rebuild that base tokenizer (see ``rar_llm.textbase``); informational here.
+    text_tokenizer: how to rebuild that base tokenizer (see ``rar_llm.text.base``); informational here.
     pad_multiple: the model's embedding is padded to a multiple of this (fast matmuls on GPUs).
     class_names: optional human names of the classes (captions, grids, prompts).
     """

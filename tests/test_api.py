@@ -16,13 +16,13 @@ from jsonargparse import capture_parser
 from litgpt.finetune import full
 
 import rar_llm
-from rar_llm import sampling
+from rar_llm.sampling import loop as sampling
 from rar_llm.__main__ import commands, main
 from rar_llm.demo import recipe
-from rar_llm.export import export
-from rar_llm.init import init
-from rar_llm.sampling import generate_from_prompt
-from rar_llm.textbase import encode_prompt
+from rar_llm.serve.export import export
+from rar_llm.checkpoint import init
+from rar_llm.sampling.loop import generate_from_prompt
+from rar_llm.text.base import encode_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,7 +142,7 @@ def test_prompted_guided_random_parallel_generation_equals_a_full_forward_refere
     gen = torch.Generator().manual_seed(4)
     perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(2)])
     prompt = encode_prompt(layout, "a handwritten two") + [layout.boi]
-    counts = rar_llm.decoding.parallel_schedule(n, steps)
+    counts = rar_llm.sampling.decoding.parallel_schedule(n, steps)
     done = 0
     code_ids = slice(layout.code_offset, layout.class_offset)
     for step, k in enumerate(counts):
@@ -160,7 +160,7 @@ def test_prompted_guided_random_parallel_generation_equals_a_full_forward_refere
             with torch.inference_mode():
                 logits = model(torch.tensor(batch))[:, -k:, code_ids].float()
             rows.append(logits)
-        scale = rar_llm.decoding.guidance_scale(g, done, n, "linear")
+        scale = rar_llm.sampling.decoding.guidance_scale(g, done, n, "linear")
         want = rows[1] + scale * (rows[0] - rows[1])
         torch.testing.assert_close(seen[step], want, atol=2e-5, rtol=2e-5)
         done += k
@@ -289,13 +289,13 @@ def test_dependencies_point_one_way():
 
     for module in graph:
         visit(module, ())
-    bottom = {"rar_llm.vocab", "rar_llm.permute", "rar_llm.decoding"}
+    bottom = {"rar_llm.vocab", "rar_llm.permute", "rar_llm.sampling.decoding"}
     for module in bottom:
         assert graph[module] <= bottom, f"{module} imports {graph[module] - bottom} from above it"
 
 
 def test_prepacking_falls_back_to_plain_layers_when_onednn_fails(tiny_checkpoint, monkeypatch):
-    from rar_llm import prepack
+    from rar_llm.sampling import prepack
 
     model = rar_llm.load_model(tiny_checkpoint, dtype=torch.float32)
     want = rar_llm.generate(model, [1, 2], seed=0, prepack=False)

@@ -7,9 +7,9 @@ import torch
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import CycleIterator
 
-from rar_llm.data import ClockSampler, RARData
-from rar_llm.init import init
-from rar_llm.shards import ShardWriter, Shards
+from rar_llm.data.rar import ClockSampler, RARData
+from rar_llm.checkpoint import init
+from rar_llm.data.shards import ShardWriter, Shards
 
 TOTAL = 1438 * 4  # digits train split, 4 epochs
 

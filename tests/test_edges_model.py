@@ -18,8 +18,8 @@ import yaml
 import rar_llm
 from rar_llm.__main__ import USER_ERRORS
 from rar_llm.checkpoint import load_checkpoint
-from rar_llm.evaluate import finite_json
-from rar_llm.export import export, import_hf
+from rar_llm.eval.evaluate import finite_json
+from rar_llm.serve.export import export, import_hf
 
 
 @pytest.fixture(scope="module")

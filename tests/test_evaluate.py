@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from litgpt.model import GPT
 
-from rar_llm.evaluate import evaluate, evaluate_cli, fit_classifier, heldout_nll
-from rar_llm.inception import (
+from rar_llm.eval.evaluate import evaluate, evaluate_cli, fit_classifier, heldout_nll
+from rar_llm.eval.inception import (
     INCEPTION_FILE,
     INCEPTION_URL,
     inception_metrics,
@@ -16,10 +16,10 @@ from rar_llm.inception import (
     load_inception,
     to_uint8,
 )
-from rar_llm.metrics import copies, frechet_distance, frechet_from_stats, nearest_distance, precision_recall
-from rar_llm.draw import to_pixels
-from rar_llm.init import init_weights, model_config
-from rar_llm.shards import Shards
+from rar_llm.eval.metrics import copies, frechet_distance, frechet_from_stats, nearest_distance, precision_recall
+from rar_llm.tokenizers.draw import to_pixels
+from rar_llm.checkpoint import init_weights, model_config
+from rar_llm.data.shards import Shards
 from rar_llm.vocab import VocabLayout
 
 LAYOUT = VocabLayout.load("digits")

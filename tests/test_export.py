@@ -7,8 +7,8 @@ import torch
 from litgpt.config import Config
 from litgpt.model import GPT
 
-from rar_llm.export import GGUF_LAYOUT_KEY, export, import_hf, rope_to_interleaved
-from rar_llm.sampling import generate
+from rar_llm.serve.export import GGUF_LAYOUT_KEY, export, import_hf, rope_to_interleaved
+from rar_llm.sampling.loop import generate
 from rar_llm.permute import interleave
 from rar_llm.vocab import LAYOUT_KEY, VocabLayout
 
@@ -27,7 +27,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A rar-tiny digits checkpoint with random norm weights too, so their mapping is tested."""
-    from rar_llm.init import init
+    from rar_llm.checkpoint import init
 
     out = init(tmp_path_factory.mktemp("export") / "ckpt", model="rar-tiny", layout="digits")
     sd = torch.load(out / "lit_model.pth")
@@ -102,7 +102,7 @@ def test_hf_logits_equal_litgpt(lit_model, hf_model, layout, device, on_device):
     ],
 )
 def test_hf_generate_greedy_equals_generate(lit_model, hf_model, layout, settings, device, on_device):
-    from rar_llm.hf import hf_generate
+    from rar_llm.sampling.hf import hf_generate
 
     lit_model, hf_model = on_device(lit_model, device), on_device(hf_model, device)
     classes = [1, 7]

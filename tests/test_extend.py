@@ -19,7 +19,7 @@ from litgpt.utils import save_config
 from tokenizers import Tokenizer, processors
 
 from rar_llm.checkpoint import load_model
-from rar_llm.corpora import train_bpe
+from rar_llm.data.corpora import train_bpe
 from rar_llm.extend import extend
 from rar_llm.vocab import VocabLayout
 
@@ -132,7 +132,7 @@ def test_finetune_full_runs_and_the_result_generates(pair, tmp_path, digits_dir)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(TEXTS * 30))
     args = [str(out), "--out_dir", str(tmp_path / "run"), "--precision", "32-true",
-            "--data", "rar_llm.mixed.MixedData", "--data.layout", str(out), "--data.data_dir", str(digits_dir),
+            "--data", "rar_llm.data.MixedData", "--data.layout", str(out), "--data.data_dir", str(digits_dir),
             "--data.text_files", json.dumps([str(text)]), "--data.text_length", "64", "--data.total_samples", "16",
             "--data.caption_template", "a handwritten {}", "--data.num_workers", "0",
             "--train.max_steps", "2", "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
@@ -175,7 +175,7 @@ def test_refusals_name_the_file_and_the_fix(pair, tmp_path):
 
 
 def test_export_round_trip_or_a_clear_refusal(pair, tmp_path):
-    from rar_llm.export import export, import_hf
+    from rar_llm.serve.export import export, import_hf
 
     style, base, out = pair
     if style == "neox":

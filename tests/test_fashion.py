@@ -10,13 +10,13 @@ import torch
 
 pytest.importorskip("vector_quantize_pytorch")
 
-from rar_llm.classifier import CNNClassifier, fit_cnn  # noqa: E402
-from rar_llm.data import RARData  # noqa: E402
-from rar_llm.fashion import FILES, fashion_mnist, load_split, read_idx  # noqa: E402
+from rar_llm.eval.classifier import CNNClassifier, fit_cnn  # noqa: E402
+from rar_llm.data.rar import RARData  # noqa: E402
+from rar_llm.data.fashion import FILES, fashion_mnist, load_split, read_idx  # noqa: E402
 from rar_llm.permute import Permutation  # noqa: E402
-from rar_llm.shards import Shards, read_meta  # noqa: E402
+from rar_llm.data.shards import Shards, read_meta  # noqa: E402
 from rar_llm.tokenizers import load_tokenizer  # noqa: E402
-from rar_llm.fashion import train_vq  # noqa: E402
+from rar_llm.tokenizers.train_vq import train_vq  # noqa: E402
 from rar_llm.tokenizers.vq import VQTokenizer  # noqa: E402
 from rar_llm.vocab import VocabLayout  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_import_writes_train_and_the_held_out_test_split(vq_file, idx_dir, tmp_p
 
 
 def test_cnn_saves_loads_and_serves_evaluate(vq_file, idx_dir, tmp_path):
-    from rar_llm.evaluate import evaluate
+    from rar_llm.eval.evaluate import evaluate
 
     images, labels = load_split(idx_dir, "train")
     x = images.astype(np.float32) / 255

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rar_llm.jsonl import import_jsonl
-from rar_llm.shards import META, ShardWriter, Shards, read_meta
+from rar_llm.data.jsonl import import_jsonl
+from rar_llm.data.shards import META, ShardWriter, Shards, read_meta
 
 OURS = (ValueError, FileNotFoundError, FileExistsError)
 T, CODEBOOK, CLASSES, VAL_EVERY = 4, 16, 5, 4
@@ -322,7 +322,7 @@ def test_fuzz_shard_folder(tmp_path):
 def test_fuzz_fast_parser_agrees_with_json():
     """RAR-form lines with numbers of 1 to 11 digits (some with leading zeros): the numpy path must
     give what JSON gives, or leave the line to the exact path, which then says what is wrong."""
-    from rar_llm.jsonl import Lines, _fast_block, _parse_chunk
+    from rar_llm.data.jsonl import Lines, _fast_block, _parse_chunk
 
     rng = random.Random(3)
     counts: Counter = Counter()

@@ -8,15 +8,15 @@ import torch
 from litgpt.model import GPT
 from PIL import Image
 
-from rar_llm import prepack
-from rar_llm.decoding import ORDERS, RAR_PRESETS, guidance_scale, parallel_schedule, sample_codes, scan_order
-from rar_llm.init import init, init_weights, model_config
+from rar_llm.sampling import prepack
+from rar_llm.sampling.decoding import ORDERS, RAR_PRESETS, guidance_scale, parallel_schedule, sample_codes, scan_order
+from rar_llm.checkpoint import init, init_weights, model_config
 from rar_llm.permute import interleave
-from rar_llm.sample import sample
-from rar_llm.sampling import generate
+from rar_llm.sampling.cli import sample
+from rar_llm.sampling.loop import generate
 from rar_llm.vocab import VocabLayout
 
-G = importlib.import_module("rar_llm.sampling")  # the decoding loop's module
+G = importlib.import_module("rar_llm.sampling.loop")  # the decoding loop's module
 
 LAYOUT = VocabLayout(codebook_size=17, height=4, width=4, num_classes=3)
 N = LAYOUT.num_positions

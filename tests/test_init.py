@@ -3,7 +3,7 @@ import torch
 from litgpt.config import Config
 from litgpt.model import GPT
 
-from rar_llm.init import init, init_weights, model_config
+from rar_llm.checkpoint import init, init_weights, model_config
 from rar_llm.vocab import VocabLayout
 
 

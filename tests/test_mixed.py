@@ -13,11 +13,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from litgpt.finetune import full
 from litgpt.tokenizer import Tokenizer
 
-from rar_llm.init import init
-from rar_llm.mixed import MixedData, pack
+from rar_llm.checkpoint import init
+from rar_llm.data.mixed import MixedData, pack
 from rar_llm.permute import IGNORE_INDEX
-from rar_llm.corpora import pydoc_topics, read_documents
-from rar_llm.textbase import load_text_tokenizer
+from rar_llm.data.corpora import pydoc_topics, read_documents
+from rar_llm.text.base import load_text_tokenizer
 from rar_llm.vocab import VocabLayout
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mixed_digits.yaml"

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-import rar_llm.jsonl as jsonl_module
-import rar_llm.prepare as prepare
-from rar_llm.jsonl import import_jsonl
-from rar_llm.prepare import center_crop_adm, digits, list_images, tokenize
-from rar_llm.shards import Shards, read_meta
+import rar_llm.data.jsonl as jsonl_module
+import rar_llm.data.images as prepare
+from rar_llm.data.jsonl import import_jsonl
+from rar_llm.data.digits import digits
+from rar_llm.data.images import center_crop_adm, list_images, tokenize
+from rar_llm.data.shards import Shards, read_meta
 from rar_llm.tokenizers import PixelTokenizer, load_tokenizer
 
 
@@ -257,7 +258,7 @@ def test_import_jsonl_resumes_to_identical_shards(tmp_path, lines_read, monkeypa
 
 
 def test_pydoc_topics_and_train_bpe_refuse_to_overwrite(tmp_path):
-    from rar_llm.corpora import pydoc_topics, train_bpe
+    from rar_llm.data.corpora import pydoc_topics, train_bpe
 
     out = tmp_path / "topics.jsonl"
     out.write_text("mine\n")
@@ -310,7 +311,7 @@ def test_tokenize_resume_refuses_another_image_list(tmp_path, images, monkeypatc
 def test_float_codes_and_labels_are_refused_on_write_and_on_open(tmp_path, digits_dir):
     import shutil
 
-    from rar_llm.shards import ShardWriter
+    from rar_llm.data.shards import ShardWriter
 
     with ShardWriter(tmp_path / "w", 16, 2, 2, 3) as w:
         with pytest.raises(ValueError, match="must be integer arrays, got float64"):
@@ -420,7 +421,7 @@ def test_tokenize_checks_sizes_at_entry(tmp_path, images, setting):
 
 
 def test_shard_writer_checks_sizes(tmp_path):
-    from rar_llm.shards import ShardWriter
+    from rar_llm.data.shards import ShardWriter
 
     with pytest.raises(ValueError, match="shard_size must be an integer >= 1, got 0"):
         ShardWriter(tmp_path / "d", 16, 2, 2, 3, shard_size=0)
@@ -576,7 +577,7 @@ def test_import_jsonl_worker_failures_reach_the_caller_and_leave_no_process(tmp_
 
 def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys):
     from rar_llm.__main__ import main
-    from rar_llm.shards import ShardWriter
+    from rar_llm.data.shards import ShardWriter
 
     path = tmp_path / "codes.jsonl"
     write_jsonl(path)
@@ -637,7 +638,7 @@ def test_import_jsonl_reads_a_line_without_end_in_bounded_pieces(tmp_path, capsy
 
 
 def test_shard_writer_never_overwrites_files_it_did_not_list(tmp_path):
-    from rar_llm.shards import ShardWriter
+    from rar_llm.data.shards import ShardWriter
 
     d = tmp_path / "d"
     d.mkdir()

@@ -11,8 +11,8 @@ from litgpt.finetune import full, lora
 from litgpt.model import GPT
 
 from rar_llm.configs import RAR_PARAMS
-from rar_llm.data import RARData
-from rar_llm.init import model_config
+from rar_llm.data.rar import RARData
+from rar_llm.checkpoint import model_config
 from rar_llm.vocab import VocabLayout
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

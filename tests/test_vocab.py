@@ -89,8 +89,13 @@ def test_installed_wheel_carries_the_named_layouts(tmp_path):
     """A plain (non-editable) install has no repository around it: the wheel must bring adapters/ along."""
     root = Path(__file__).resolve().parent.parent
     src = tmp_path / "src"  # build from a copy so no build/ folder is left in the checkout
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
-                                                             "tests", "bench", "data", "out", "checkpoints", ".venv"))
+    skip = {".git", "build", "tests", "bench", "data", "out", "checkpoints", ".venv"}  # at the top only
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == root
+        return [n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (top and n in skip)]
+
+    shutil.copytree(root, src, ignore=ignore)
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w")]
     subprocess.run(cmd, check=True, capture_output=True)
     (wheel,) = (tmp_path / "w").glob("rar_llm-*.whl")

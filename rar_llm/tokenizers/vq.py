@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rar_llm.smallnets import load_net, save_net
+from rar_llm.nets import load_net, save_net
 from rar_llm.tokenizers.base import ImageTokenizer
 
 FORMAT = "rar_llm-vq"

@@ -1,6 +1,6 @@
 """Offline batch generation on upstream vLLM: ``vllm_generate(llm, class_ids, **settings)``.
 
-``make_llm`` builds an in-process ``vllm.LLM`` with ``rar_llm.vllm_plugin``'s logits processor and
+``make_llm`` builds an in-process ``vllm.LLM`` with ``rar_llm.serve.plugin``'s logits processor and
 pairing scheduler; ``vllm_generate`` turns ``rar_llm.generate``'s settings into one request per branch
 of each image and the outputs back into code grids. Imports only vLLM, torch and the torch-only parts
 of rar_llm.
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from vllm import SamplingParams
 
-from rar_llm.decoding import Settings, cell_orders, class_ids, known_cells, known_first
-from rar_llm.vllm_plugin import RARLogitsProcessor, RARScheduler, Spec
+from rar_llm.sampling.decoding import Settings, cell_orders, class_ids, known_cells, known_first
+from rar_llm.serve.plugin import RARLogitsProcessor, RARScheduler, Spec
 from rar_llm.vocab import VocabLayout
 
 
@@ -191,7 +191,7 @@ def vllm_generate(
             f"{len(failed)} of {B} images did not get their {2 * (n - n_known) - 1} tokens in lockstep "
             f"(images {failed[:10]}): the conditional and <class_null> requests of an image ran in different "
             "engine steps (or a request was preempted), so guidance could not be applied. Build the engine "
-            "with rar_llm.vllm_plugin.make_llm (RARScheduler), or keep 2 x batch <= max_num_seqs with the "
+            "with rar_llm.serve.plugin.make_llm (RARScheduler), or keep 2 x batch <= max_num_seqs with the "
             "engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and enough KV cache"
         )
     ordered = tokens[:, 2::2] - layout.code_offset  # codes in decoding order (known ones included)

@@ -6,7 +6,7 @@ Two scales:
   from an MLP trained here on the real training images, since no pretrained network knows 8x8
   digits. Every figure for the samples is printed next to the same figure for real held-out
   images, the floor a perfect generator would reach with as many images.
-* 256x256 images (RAR's ImageNet setting): ``rar_llm.inception.inception_metrics``, FID / IS /
+* 256x256 images (RAR's ImageNet setting): ``rar_llm.eval.inception.inception_metrics``, FID / IS /
   precision / recall on the TF Inception-v3 of 2015-12-05 as NVIDIA's TorchScript.
 """
 
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from litgpt.model import GPT
 from torch import nn
 
-from rar_llm.draw import CodeDecoder, check_drawable, to_pixels
-from rar_llm.inception import inception_metrics, load_images, to_uint8
-from rar_llm.metrics import copies, frechet_distance, nearest_distance, precision_recall
+from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, to_pixels
+from rar_llm.eval.inception import inception_metrics, load_images, to_uint8
+from rar_llm.eval.metrics import copies, frechet_distance, nearest_distance, precision_recall
 from rar_llm.permute import IGNORE_INDEX, interleave
-from rar_llm.shards import Shards, read_meta
+from rar_llm.data.shards import Shards, read_meta
 from rar_llm.vocab import VocabLayout
 
 NLL_ORDERS = ("raster", "random")
@@ -244,7 +244,7 @@ def evaluate(
         tokenizer: decodes codes to pixels (None: the digits' 17 greys, see ``to_pixels``). The whole
             train split is decoded, so this is for small data; use :func:`inception_metrics` at 256x256.
         classifier: a fitted feature network with ``features`` and ``predict`` (e.g.
-            ``rar_llm.classifier.CNNClassifier`` for Fashion-MNIST); None fits the pixel MLP here.
+            ``rar_llm.eval.classifier.CNNClassifier`` for Fashion-MNIST); None fits the pixel MLP here.
     """
     data_dir = Path(data_dir)
     layout = _layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
@@ -358,7 +358,7 @@ def evaluate_cli(
 
     if inception_weights is None:
         if classifier is not None:
-            from rar_llm.classifier import CNNClassifier
+            from rar_llm.eval.classifier import CNNClassifier
 
             classifier = CNNClassifier.load(classifier)
         metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer, classifier)

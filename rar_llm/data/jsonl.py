@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from rar_llm.shards import ShardWriter, check_resume, code_dtype, positive_int
+from rar_llm.data.shards import ShardWriter, check_resume, code_dtype, positive_int
 
 PREFIX = np.frombuffer(b'{"class_id": ', np.uint8)
 MIDDLE = np.frombuffer(b', "tokens": [', np.uint8)

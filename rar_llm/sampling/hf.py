@@ -2,7 +2,7 @@
 
 Two logits processors turn a plain causal-LM ``generate`` into RAR sampling: ``RARPositions`` forces
 the position token of each step of the chosen order and keeps code steps on image codes;
-``RARGuidance`` applies classifier-free guidance with ``rar_llm.decoding``'s schedules.
+``RARGuidance`` applies classifier-free guidance with ``rar_llm.sampling.decoding``'s schedules.
 
 transformers' own guidance (``generate(guidance_scale=...)``, i.e.
 ``UnbatchedClassifierFreeGuidanceLogitsProcessor``) runs the unconditional branch as a second forward
@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-from rar_llm.decoding import cell_orders, check_sampling, class_ids, guidance_scale
+from rar_llm.sampling.decoding import cell_orders, check_sampling, class_ids, guidance_scale
 from rar_llm.vocab import VocabLayout
 
 
@@ -104,8 +104,8 @@ def hf_generate(
         layout: ``VocabLayout.from_checkpoint(folder)``.
         class_id: one class id or many (one image each).
         guidance: classifier-free guidance scale w (1: none; otherwise a second forward per step).
-        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.decoding.guidance_scale``).
-        order: ``raster``, ``random``, a named scan (``rar_llm.decoding.scan_order``) or a permutation
+        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.sampling.decoding.guidance_scale``).
+        order: ``raster``, ``random``, a named scan (``rar_llm.sampling.decoding.scan_order``) or a permutation
             of the cells, ``(H*W,)`` or ``(B, H*W)``.
         temperature: 0 is greedy; top_k, top_p: filters of the guided code logits.
         generate_kwargs: passed on to ``model.generate`` (e.g. ``use_cache``).

@@ -1,8 +1,8 @@
 """Distances between sets of images and memorisation checks, on any features (numpy / torch only).
 
 Fréchet distance (FID's formula), improved precision / recall (Kynkäänniemi et al. 2019), exact
-copies of training samples and nearest-neighbour distances; ``rar_llm.evaluate`` and
-``rar_llm.inception`` compute features, these compare them.
+copies of training samples and nearest-neighbour distances; ``rar_llm.eval.evaluate`` and
+``rar_llm.eval.inception`` compute features, these compare them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A small CNN that classifies Fashion-MNIST (about 91 % test accuracy after 3 epochs on one CPU core).
 
 Its penultimate layer (128 values) is the feature space of the Fréchet distance and precision /
-recall that :func:`rar_llm.evaluate.evaluate` reports, in place of the digits' MLP: pass the fitted
+recall that :func:`rar_llm.eval.evaluate.evaluate` reports, in place of the digits' MLP: pass the fitted
 network as ``evaluate(..., classifier=cnn)`` (``rar-llm evaluate --classifier cnn.safetensors``).
 It trains on the original training images only; the test split measures it.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rar_llm.smallnets import load_net, save_net, shuffled_batches
+from rar_llm.nets import load_net, save_net, shuffled_batches
 
 FORMAT = "rar_llm-cnn"
 
@@ -136,7 +136,7 @@ def train_classifier(
     after a round trip through the tokenizer, and their PSNR: what the tokenizer loses.
     Writes ``out`` (safetensors) and its ``.json`` report.
     """
-    from rar_llm.fashion import load_split, to_float
+    from rar_llm.data.fashion import load_split, to_float
 
     out = Path(out)
     if out.exists() and not overwrite:

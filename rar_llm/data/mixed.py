@@ -5,7 +5,7 @@ Sample forms (ids as in ``rar_llm.vocab``; ``pos, code`` pairs in RAR's annealed
     text       [t_1, ..., t_L]                                      documents packed, eos between them
     captioned  [caption ids..., <boi>, pos, code, ..., pos, code, <eoi>]
     dropped    [<boi>, pos, code, ..., <eoi>]                       a captioned sample without its caption
-    class      [class or null class, pos, code, ..., <eoi>]         RAR's form (``rar_llm.data``) plus <eoi>
+    class      [class or null class, pos, code, ..., <eoi>]         RAR's form (``rar_llm.data.rar``) plus <eoi>
 
 The class token does not stay in captioned samples: the caption is the condition, so a prompt
 generates from exactly ``[prompt, <boi>]`` and guidance's unconditional branch is ``[<boi>]``, the
@@ -14,7 +14,7 @@ captioned and the rest keep RAR's class form, so class-id generation (``rar_llm.
 on the same model; either condition is dropped with probability ``class_dropout``. Labels are the
 ids except the position tokens, which are given, never predicted; padding is -100 too.
 
-The annealing clock is ``rar_llm.data.ClockSampler``'s: each drawn ``(index, samples_seen, draw)``
+The annealing clock is ``rar_llm.data.rar.ClockSampler``'s: each drawn ``(index, samples_seen, draw)``
 fixes the sample's progress, order, dropout and caption choice, so ``--resume`` replays it exactly.
 """
 
@@ -31,11 +31,11 @@ from litgpt.data.base import get_sft_collate_fn
 from litgpt.prompts import PromptStyle  # noqa: F401  (jsonargparse resolves the inherited fields' annotations here)
 from torch.utils.data import DataLoader, Dataset
 
-from rar_llm.data import ClockedData, ClockSampler, Prompts
+from rar_llm.data.rar import ClockedData, ClockSampler, Prompts
 from rar_llm.permute import IGNORE_INDEX, Permutation, interleave
-from rar_llm.shards import META, Shards, read_meta
-from rar_llm.corpora import read_documents
-from rar_llm.textbase import TextBase, layout_base
+from rar_llm.data.shards import META, Shards, read_meta
+from rar_llm.data.corpora import read_documents
+from rar_llm.text.base import TextBase, layout_base
 from rar_llm.vocab import VocabLayout
 
 Caption = tuple[str, np.ndarray]  # text and its base-tokenizer ids

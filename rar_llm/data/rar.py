@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from rar_llm import configs  # noqa: F401  (registers the rar-* names with litgpt)
 from rar_llm.permute import Permutation, interleave
-from rar_llm.shards import META, Shards, read_meta
+from rar_llm.data.shards import META, Shards, read_meta
 from rar_llm.vocab import VocabLayout
 
 
@@ -130,7 +130,7 @@ class ClockedData(DataModule):
     """What RAR's data modules share: the data folder, the run's length, RAR's schedule, the loaders' knobs.
 
     Args:
-        data_dir: a folder of shards (``meta.json`` + ``.npy``), see ``rar_llm.shards``.
+        data_dir: a folder of shards (``meta.json`` + ``.npy``), see ``rar_llm.data.shards``.
         total_samples: samples the whole run consumes (all ranks), the 100 % mark of the annealing
             clock; usually ``train.max_steps * train.global_batch_size``.
         epochs: alternatively, the run's length in epochs of the train split (``train.epochs``).

@@ -1,7 +1,7 @@
 """What every RAR decoder shares: scan orders, guidance and parallel schedules, one sampling step.
 
-The litgpt loop (``rar_llm.sampling``), transformers' ``generate`` (``rar_llm.hf``) and vLLM's logits
-processor (``rar_llm.vllm_plugin``) all take their orders, schedules and checks from here, so one setting
+The litgpt loop (``rar_llm.sampling.loop``), transformers' ``generate`` (``rar_llm.sampling.hf``) and vLLM's logits
+processor (``rar_llm.serve.plugin``) all take their orders, schedules and checks from here, so one setting
 means the same thing on every engine. Needs only torch: no litgpt import.
 """
 

@@ -2,12 +2,12 @@
 
 Server (see the README, "Serving with vLLM")::
 
-    vllm serve EXPORT_DIR --logits-processors rar_llm.vllm_plugin:RARLogitsProcessor \\
-        --scheduler-cls rar_llm.vllm_plugin.RARScheduler --max-num-seqs 64
+    vllm serve EXPORT_DIR --logits-processors rar_llm.serve.plugin:RARLogitsProcessor \\
+        --scheduler-cls rar_llm.serve.plugin.RARScheduler --max-num-seqs 64
 
 Client::
 
-    python -m rar_llm.vllm_client --url http://localhost:8000 --class_id 3 --out three.png --guidance 2
+    python -m rar_llm.serve.client --url http://localhost:8000 --class_id 3 --out three.png --guidance 2
     python rar_llm/vllm_client.py ...      # the same file alone, where rar_llm (and torch) is not installed
 
 Each image is one ``/v1/completions`` request (two with guidance: the class and ``<class_null>``, sent
@@ -163,10 +163,10 @@ def generate(
         raise UnpairedGuidanceError(
             f"{len(failed)} of {len(class_ids)} images came back short: their conditional and <class_null> "
             "requests did not run in lockstep on the server, so guidance could not be applied. Run the server "
-            "with --scheduler-cls rar_llm.vllm_plugin.RARScheduler and enough KV cache, or use --guidance 1"
+            "with --scheduler-cls rar_llm.serve.plugin.RARScheduler and enough KV cache, or use --guidance 1"
         )
     if (codes < 0).any() or (codes >= layout.codebook_size).any():
-        raise RuntimeError("the server returned non-code tokens: is it running rar_llm.vllm_plugin:RARLogitsProcessor?")
+        raise RuntimeError("the server returned non-code tokens: is it running rar_llm.serve.plugin:RARLogitsProcessor?")
     return codes.reshape(-1, layout.height, layout.width)
 
 

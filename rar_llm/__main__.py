@@ -15,32 +15,37 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, ImportError)
 
 
-COMMANDS = {  # subcommand -> "module:function", imported only when needed (litgpt alone takes seconds)
-    "demo": "rar_llm.demo:demo",
-    "init": "rar_llm.checkpoint:init",
-    "extend": "rar_llm.extend:extend",
-    "digits": "rar_llm.data.digits:digits",
-    "fashion-mnist": "rar_llm.data.fashion:fashion_mnist",
-    "train-vq": "rar_llm.tokenizers.train_vq:train_vq",
-    "train-classifier": "rar_llm.eval.classifier:train_classifier",
-    "sample": "rar_llm.sampling.cli:sample",
-    "tokenize": "rar_llm.data.images:tokenize",
-    "import-jsonl": "rar_llm.data.jsonl:import_jsonl",
-    "evaluate": "rar_llm.eval.evaluate:evaluate_cli",
-    "export": "rar_llm.serve.export:export",
-    "import-hf": "rar_llm.serve.export:import_hf",
-    "pydoc-topics": "rar_llm.data.corpora:pydoc_topics",
-    "train-bpe": "rar_llm.data.corpora:train_bpe",
+COMMANDS = {  # subcommand -> ("module:function", one line for the command list); imported only when run
+    "demo": ("rar_llm.demo:demo", "train a RAR digit generator from scratch and show what it makes"),
+    "init": ("rar_llm.checkpoint:init", "write a randomly initialised litgpt checkpoint folder"),
+    "extend": ("rar_llm.extend:extend", "add an image layout's ids to a pretrained litgpt checkpoint"),
+    "digits": ("rar_llm.data.digits:digits", "scikit-learn's bundled 8x8 digits as shards"),
+    "fashion-mnist": ("rar_llm.data.fashion:fashion_mnist", "Fashion-MNIST's IDX files as shards of codes"),
+    "train-vq": ("rar_llm.tokenizers.train_vq:train_vq", "train the VQ tokenizer on Fashion-MNIST"),
+    "train-classifier": ("rar_llm.eval.classifier:train_classifier", "train the evaluation CNN on Fashion-MNIST"),
+    "sample": ("rar_llm.sampling.cli:sample", "sample images per class from a checkpoint (PNG grid and codes)"),
+    "tokenize": ("rar_llm.data.images:tokenize", "encode an image folder (a subfolder per class) into shards"),
+    "import-jsonl": ("rar_llm.data.jsonl:import_jsonl", "import pre-tokenized JSONL (RAR's maskgitvq.jsonl) as shards"),
+    "evaluate": ("rar_llm.eval.evaluate:evaluate_cli", "score generated codes and write metrics.json"),
+    "export": ("rar_llm.serve.export:export", "export a checkpoint for serving stacks (Hugging Face, GGUF)"),
+    "import-hf": ("rar_llm.serve.export:import_hf", "turn an exported Hugging Face folder back into a checkpoint"),
+    "pydoc-topics": ("rar_llm.data.corpora:pydoc_topics", "Python's bundled help topics as a JSONL text corpus"),
+    "train-bpe": ("rar_llm.data.corpora:train_bpe", "train a byte-level BPE tokenizer.json"),
 }
 
 
-def commands(names: list[str] | None = None) -> dict:
-    """Subcommand name -> function, for ``names`` (default: all, so that ``rar-llm --help`` lists them)."""
-    out = {}
-    for name in names or COMMANDS:
-        module, function = COMMANDS[name].split(":")
-        out[name] = getattr(importlib.import_module(module), function)
-    return out
+def command(name: str):
+    """The function behind subcommand ``name``."""
+    module, function = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def usage() -> str:
+    """``rar-llm --help`` without a command: the list, without importing any command's module."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return ("usage: rar-llm [--debug] COMMAND [--help] [flags]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n`rar-llm COMMAND --help` lists a command's flags; --debug (or RAR_LLM_DEBUG=1) shows tracebacks.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,20 +55,27 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("RAR_LLM_DEBUG", "") not in ("", "0")
     if argv[:1] == ["--debug"]:
         debug, argv = True, argv[1:]
-    command = next((a for a in argv if not a.startswith("-")), "")
+    name = next((a for a in argv if a in COMMANDS), next((a for a in argv if not a.startswith("-")), ""))
+    if name not in COMMANDS:
+        if not name and argv and set(argv) <= {"-h", "--help"}:
+            print(usage())
+            sys.exit(0)
+        problem = f"unknown command {name!r}" if name else "no command given"
+        print(f"rar-llm: error: {problem}; use one of: {', '.join(COMMANDS)} (rar-llm --help)", file=sys.stderr)
+        sys.exit(2)
     try:
-        CLI(commands([command] if command in COMMANDS else None), as_positional=False, args=argv)
+        CLI({name: command(name)}, as_positional=False, args=argv)
     except USER_ERRORS as e:
         if debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"rar-llm {command}: error: {message}", file=sys.stderr)
+        print(f"rar-llm {name}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on where that is possible
         if debug:
             raise
-        hint = "; rerun the command with --resume true to continue" if command in ("tokenize", "import-jsonl") else ""
-        print(f"rar-llm {command}: interrupted{hint}", file=sys.stderr)
+        hint = "; rerun the command with --resume true to continue" if name in ("tokenize", "import-jsonl") else ""
+        print(f"rar-llm {name}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
 
 

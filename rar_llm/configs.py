@@ -1,4 +1,5 @@
-"""RAR model sizes as litgpt configs, registered by name when ``rar_llm`` is imported.
+"""RAR model sizes as litgpt configs, registered with litgpt by name when this module is imported (every
+module that builds or loads a model imports it: ``checkpoint``, ``data.rar``).
 
 Official RAR blocks are ViTs with AdaLN-zero conditioning; these are plain Llama blocks (RMSNorm,
 SwiGLU, rotary, no bias) so they export to Hugging Face Llama and run on any LLM stack. RAR's depth,
@@ -47,14 +48,6 @@ def register() -> None:
         if c["name"] not in name_to_config:
             configs.append(c)
             name_to_config[c["name"]] = c
-
-
-def num_params(config: Config) -> int:
-    """Parameters of a litgpt GPT with this config, without building it."""
-    d, L, V = config.n_embd, config.n_layer, config.padded_vocab_size
-    attn = d * (config.n_head + 2 * config.n_query_groups) * config.head_size + config.n_head * config.head_size * d
-    mlp = 3 * d * config.intermediate_size
-    return 2 * V * d + L * (attn + mlp + 2 * d) + d
 
 
 register()

@@ -17,7 +17,7 @@ from litgpt.finetune import full
 
 import rar_llm
 from rar_llm.sampling import loop as sampling
-from rar_llm.__main__ import commands, main
+from rar_llm.__main__ import COMMANDS, command, main
 from rar_llm.demo import recipe
 from rar_llm.serve.export import export
 from rar_llm.checkpoint import init
@@ -195,9 +195,9 @@ def _value(annotation, default):
     return "x"
 
 
-@pytest.mark.parametrize("name", sorted(commands()))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_subcommand_parses_its_flags(name):
-    fn = commands()[name]
+    fn = command(name)
     argv = [name]
     hints = typing.get_type_hints(fn)
     for p in inspect.signature(fn).parameters.values():
@@ -226,6 +226,24 @@ def test_help_lists_closed_choices():
         assert choice in text
     parser = capture_parser(lambda: main(["init", "--out_dir", "x"]))  # a parser holds the command it runs
     assert "{normal,sincos}" in parser._subcommands_action.choices["init"].format_help()
+
+
+def test_help_without_a_command_lists_every_command_and_imports_none():
+    code = ("import sys; from rar_llm.__main__ import main\n"
+            "try: main(['--help'])\n"
+            "except SystemExit as e: print(e.code)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rar_llm.')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    *listing, code_line, modules = out.strip().splitlines()
+    assert code_line == "0" and modules == "['rar_llm.__main__'] False"
+    for name in COMMANDS:
+        assert any(line.split()[:1] == [name] for line in listing), name
+
+
+@pytest.mark.parametrize("argv", [["bogus"], []])
+def test_an_unknown_or_missing_command_is_one_line(argv):
+    out = subprocess.run([sys.executable, "-m", "rar_llm", *argv], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "import-jsonl" in out.stderr
 
 
 def test_a_command_imports_only_its_own_module():

@@ -14,7 +14,7 @@ def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out),
            "--work_dir", str(tmp_path / "work")]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)  # from another folder
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["meta"]["device"] == "cpu" and report["meta"]["tiny"] is True

@@ -10,7 +10,7 @@ layout (2283 ids, padded to 2304); ``rar-llm init`` sets it from the layout it i
 
 from __future__ import annotations
 
-from litgpt.config import Config, configs, name_to_config
+from litgpt.config import configs, name_to_config
 
 _LLAMA = dict(
     block_size=1024,  # 513 image tokens plus room for a text prefix

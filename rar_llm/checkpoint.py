@@ -25,7 +25,7 @@ from litgpt.model import GPT
 from litgpt.utils import save_config
 
 from rar_llm import configs  # noqa: F401  (registers the rar-* names a config may refer to)
-from rar_llm.text.base import write_tokenizer
+from rar_llm.text.merged import write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 PosInit = Literal["normal", "sincos"]

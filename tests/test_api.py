@@ -22,7 +22,7 @@ from rar_llm.demo import recipe
 from rar_llm.serve.export import export
 from rar_llm.checkpoint import init
 from rar_llm.sampling.loop import generate_from_prompt
-from rar_llm.text.base import encode_prompt
+from rar_llm.text.merged import encode_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 

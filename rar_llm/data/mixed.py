@@ -35,7 +35,8 @@ from rar_llm.data.rar import ClockedData, ClockSampler, Prompts
 from rar_llm.permute import IGNORE_INDEX, Permutation, interleave
 from rar_llm.data.shards import META, Shards, read_meta
 from rar_llm.data.corpora import read_documents
-from rar_llm.text.base import TextBase, layout_base
+from rar_llm.text.base import TextBase
+from rar_llm.text.merged import layout_base
 from rar_llm.vocab import VocabLayout
 
 Caption = tuple[str, np.ndarray]  # text and its base-tokenizer ids

@@ -46,7 +46,7 @@ from rar_llm.sampling.decoding import (
     sample_codes,
 )
 from rar_llm.sampling.prepack import prepacked
-from rar_llm.text.base import encode_prompt
+from rar_llm.text.merged import encode_prompt
 from rar_llm.vocab import VocabLayout
 
 CACHE_BUDGET = 1 << 30  # bytes of KV cache per chunk of a large batch

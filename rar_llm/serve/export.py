@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rar_llm.checkpoint import check_weights, load_checkpoint
 from rar_llm.outputs import claim_outputs
-from rar_llm.text.base import checkpoint_tokenizer, write_tokenizer
+from rar_llm.text.merged import checkpoint_tokenizer, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 GGUF_LAYOUT_KEY = "rar.layout"

@@ -307,9 +307,37 @@ def test_dependencies_point_one_way():
 
     for module in graph:
         visit(module, ())
-    bottom = {"rar_llm.vocab", "rar_llm.permute", "rar_llm.sampling.decoding"}
-    for module in bottom:
-        assert graph[module] <= bottom, f"{module} imports {graph[module] - bottom} from above it"
+    for module, deps in graph.items():
+        for dep in deps:
+            assert layer(dep) <= layer(module), f"{module} (layer {layer(module)}) imports {dep} (layer {layer(dep)})"
+
+
+# The package's layers, bottom first: a module imports only from its own layer or below (the folders'
+# __init__ docstrings say the same). Layers 0 and 1 need no litgpt.
+LAYERS = [
+    ["rar_llm.vocab", "rar_llm.permute", "rar_llm.outputs", "rar_llm.nets", "rar_llm.sampling.settings",
+     "rar_llm.data.shards"],
+    ["rar_llm.text", "rar_llm.tokenizers", "rar_llm.sampling.decoding"],
+    ["rar_llm.configs", "rar_llm.checkpoint"],
+    ["rar_llm.sampling"],
+    ["rar_llm.data", "rar_llm.eval", "rar_llm.serve", "rar_llm.extend", "rar_llm.tokenizers.train_vq"],
+    ["rar_llm.sampling.cli", "rar_llm.demo", "rar_llm.__main__", "rar_llm"],
+]
+
+
+def layer(module: str) -> int:
+    """The layer of the longest ``LAYERS`` entry that ``module`` is or lies under."""
+    best = max((name for names in LAYERS for name in names if module == name or module.startswith(name + ".")),
+               key=len)
+    return next(i for i, names in enumerate(LAYERS) if best in names)
+
+
+def test_the_two_bottom_layers_import_without_litgpt():
+    graph, _ = _package_imports()
+    bottom = sorted(m for m in graph if layer(m) <= 1)
+    probe = f"import sys; import {', '.join(bottom)}; print('litgpt' in sys.modules, 'lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False", bottom
 
 
 def test_prepacking_falls_back_to_plain_layers_when_onednn_fails(tiny_checkpoint, monkeypatch):

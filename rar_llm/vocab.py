@@ -167,6 +167,12 @@ class VocabLayout:
             raise ValueError(f"{source}: malformed layout ({e})") from None
 
     @classmethod
+    def from_meta(cls, meta: dict, text_vocab_size: int = 0) -> VocabLayout:
+        """The layout of a data folder's ``meta.json`` (``rar_llm.data.shards.read_meta``, which checked it)."""
+        return cls(meta["codebook_size"], meta["height"], meta["width"], meta["num_classes"],
+                   text_vocab_size=text_vocab_size)
+
+    @classmethod
     def load(cls, path_or_name: Path | str) -> VocabLayout:
         """Load a layout from a name in ``adapters/``, a JSON file, or a checkpoint folder.
 

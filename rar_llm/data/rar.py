@@ -200,12 +200,13 @@ class RARData(ClockedData):
     def layout(self) -> VocabLayout:
         """The layout of the data, placed where the checkpoint's tokenizer puts image ids."""
         meta = read_meta(self.data_dir)
-        base = VocabLayout(meta["codebook_size"], meta["height"], meta["width"], meta["num_classes"])
         if self.tokenizer is None:
-            return base
-        base.check_tokenizer(self.tokenizer, where=f"{self.data_dir / META}")
-        offset = VocabLayout.infer_from_tokenizer(self.tokenizer)["code_offset"]
-        return VocabLayout(base.codebook_size, base.height, base.width, base.num_classes, text_vocab_size=offset)
+            return VocabLayout.from_meta(meta)
+        # litgpt hands the data module the checkpoint's tokenizer, not its folder, so the text ids below the
+        # image ids are read off the tokenizer's names, and the whole layout is checked against it once
+        layout = VocabLayout.from_meta(meta, VocabLayout.infer_from_tokenizer(self.tokenizer)["code_offset"])
+        layout.check_tokenizer(self.tokenizer, where=f"{self.data_dir / META}")
+        return layout
 
     def setup(self, stage: str = "") -> None:
         layout = self.layout()

@@ -110,14 +110,14 @@ def fit_classifier(
 @torch.inference_mode()
 def heldout_nll(
     model: GPT,
-    data_dir: Path | str,
+    data: Path | str | Shards,
     layout: VocabLayout,
     order: str = "raster",
     seed: int = 0,
     split: str = "val",
     batch_size: int = 64,
 ) -> float:
-    """Mean negative log-likelihood of a split's codes, in bits per code.
+    """Mean negative log-likelihood of a split's codes (``data``: a data folder, or its opened split), in bits per code.
 
     Each image is one ``interleave`` sequence, conditioned on its true class, in raster order or in a
     random order per image drawn from ``seed``. The softmax runs over the code logits only (what the
@@ -131,7 +131,7 @@ def heldout_nll(
             f"model.max_seq_length={model.max_seq_length} is shorter than the {layout.seq_len} tokens of an "
             f"image sequence; set model.max_seq_length = {layout.seq_len}"
         )
-    shards = Shards(data_dir, split)
+    shards = data if isinstance(data, Shards) else Shards(data, split)
     rng = np.random.default_rng(seed)
     device = model.lm_head.weight.device
     codes = slice(layout.code_offset, layout.class_offset)
@@ -159,13 +159,18 @@ def heldout_nll(
 
 
 # ---- small-scale entry --------------------------------------------------------------------------------
-def _layout(data_dir: Path, layout: VocabLayout | None) -> VocabLayout:
-    """The data's layout, or the given one after checking it describes the data."""
+def data_layout(data_dir: Path, layout: VocabLayout | None) -> VocabLayout:
+    """The data's layout, or the given one (a model's) after checking it describes the data."""
     meta = read_meta(data_dir)
     if layout is None:
-        return VocabLayout(**{k: meta[k] for k in ("codebook_size", "height", "width", "num_classes")})
+        return VocabLayout.from_meta(meta)
     layout.check_meta(meta, where=f"{Path(data_dir) / 'meta.json'}")
     return layout
+
+
+def nll_metrics(model: GPT, val: Shards, layout: VocabLayout, seed: int) -> dict:
+    """Held-out bits per code in raster and in random order."""
+    return {f"nll_{order}_bits": heldout_nll(model, val, layout, order, seed) for order in NLL_ORDERS}
 
 
 def finite_json(metrics: dict) -> str:
@@ -247,7 +252,7 @@ def evaluate(
             ``rar_llm.eval.classifier.CNNClassifier`` for Fashion-MNIST); None fits the pixel MLP here.
     """
     data_dir = Path(data_dir)
-    layout = _layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
+    layout = data_layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
     check_drawable(layout, tokenizer)
     codes = np.asarray(samples_codes).astype(np.int64)
     classes = np.asarray(sample_classes).astype(np.int64).reshape(-1)
@@ -271,8 +276,7 @@ def evaluate(
 
     metrics: dict = {}
     if model is not None:
-        metrics["nll_raster_bits"] = heldout_nll(model, data_dir, layout, "raster", seed)
-        metrics["nll_random_bits"] = heldout_nll(model, data_dir, layout, "random", seed)
+        metrics |= nll_metrics(model, val, layout, seed)
     metrics |= _set_scores(images, clf.features(images), val_images, val_feats)
     metrics |= _image_scores(codes, images, classes, clf, train_codes, train_images)
     metrics |= {"num_samples": len(codes), "num_heldout": len(val)}
@@ -363,7 +367,7 @@ def evaluate_cli(
             classifier = CNNClassifier.load(classifier)
         metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer, classifier)
     else:
-        layout = _layout(Path(data_dir), layout)
+        layout = data_layout(Path(data_dir), layout)
         check_drawable(layout, tokenizer)
         decoder = tokenizer.to(device) if tokenizer is not None else None
         images = np.concatenate([
@@ -372,8 +376,7 @@ def evaluate_cli(
         ])
         metrics = {}
         if model is not None:
-            metrics["nll_raster_bits"] = heldout_nll(model, data_dir, layout, "raster", seed)
-            metrics["nll_random_bits"] = heldout_nll(model, data_dir, layout, "random", seed)
+            metrics |= nll_metrics(model, Shards(data_dir, "val"), layout, seed)
         metrics |= inception_metrics(images, load_images(reference), inception_weights, batch_size, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(finite_json(metrics))

@@ -252,51 +252,20 @@ def tokenize(
         allow_empty: finish even if no image could be read (otherwise zero samples is an error).
     """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
-    if crop not in ("adm", "tencrop"):
-        raise ValueError(f"crop must be 'adm' or 'tencrop', got {crop!r}")
-    positive_int("batch_size", batch_size)
-    positive_int("shard_size", shard_size)
-    positive_int("num_workers", num_workers, minimum=0)
-    if image_size is not None:
-        positive_int("image_size", image_size)
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_flags(crop, batch_size, shard_size, num_workers, image_size, val_fraction)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = load_tokenizer(tokenizer, weights, image_size).to(dev)
     if tok.image_size[0] != tok.image_size[1]:
         raise ValueError(f"tokenize crops square images, but the tokenizer takes {tok.image_size}")
     size = tok.image_size[0]
-    classes, items = list_images(image_dir)
-    if val_dir is not None:
-        val_classes, val_items = list_images(Path(val_dir))
-        if val_classes != classes:
-            raise ValueError(
-                f"{val_dir} has classes {val_classes[:5]}... but {image_dir} has {classes[:5]}...; "
-                "both need the same class subfolders"
-            )
-        train_items = items
-    else:
-        held = [math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) for i in range(len(items))]
-        train_items = [x for x, h in zip(items, held) if not h]
-        val_items = [x for x, h in zip(items, held) if h]
-        if val_fraction and not val_items:
-            raise ValueError(
-                f"val_fraction {val_fraction} of {len(items)} images holds out none; raise it or pass val_dir"
-            )
+    classes, train_items, val_items = split_images(image_dir, val_dir, val_fraction)
     per_image = {"adm": 1, "tencrop": 5}[crop] * (2 if flip else 1)
-    info = {
-        "source": str(image_dir.resolve()),
-        "tokenizer": str(tokenizer),
-        "weights": str(weights) if weights is not None else None,
-        "image_size": size,
-        "crop": crop,
-        "flip": flip,
+    info = {  # what a resumed run must share with this one
+        "source": str(image_dir.resolve()), "tokenizer": str(tokenizer),
+        "weights": str(weights) if weights is not None else None, "image_size": size, "crop": crop, "flip": flip,
         "val": str(Path(val_dir).resolve()) if val_dir is not None else val_fraction,
-        "samples_per_image": per_image,
-        "images": {"train": len(train_items), "val": len(val_items)},
-        "image_list_sha256": image_list_digest(
-            train_items, image_dir, val_items, Path(val_dir) if val_dir is not None else image_dir
-        ),
+        "samples_per_image": per_image, "images": {"train": len(train_items), "val": len(val_items)},
+        "image_list_sha256": image_list_digest(train_items, image_dir, val_items, Path(val_dir or image_dir)),
     }
     if resume:
         check_resume(out_dir, info, ("source", "tokenizer", "image_size", "crop", "flip", "val", "image_list_sha256"))
@@ -316,9 +285,44 @@ def tokenize(
                 f"{image_dir}: no image could be read ({len(skipped)} skipped), so {out_dir} would hold no samples; "
                 "fix the images, or pass allow_empty=True (--allow_empty true)"
             )
-    counts = {s: w.num_samples(s) for s in ("train", "val")}
-    print(f"Wrote {counts['train']} train and {counts['val']} val samples of {len(classes)} classes to {out_dir}")
+    _report(w, len(classes), out_dir, skipped)
+    return out_dir
+
+
+def _check_flags(crop: str, batch_size: int, shard_size: int, num_workers: int, image_size: int | None,
+                 val_fraction: float) -> None:
+    if crop not in ("adm", "tencrop"):
+        raise ValueError(f"crop must be 'adm' or 'tencrop', got {crop!r}")
+    positive_int("batch_size", batch_size)
+    positive_int("shard_size", shard_size)
+    positive_int("num_workers", num_workers, minimum=0)
+    if image_size is not None:
+        positive_int("image_size", image_size)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def split_images(image_dir: Path, val_dir: Path | None, val_fraction: float) -> tuple[list[str], list, list]:
+    """``(classes, train items, val items)``: ``val_dir``'s images, or every ``1 / val_fraction``-th image."""
+    classes, items = list_images(image_dir)
+    if val_dir is not None:
+        val_classes, val_items = list_images(Path(val_dir))
+        if val_classes != classes:
+            raise ValueError(
+                f"{val_dir} has classes {val_classes[:5]}... but {image_dir} has {classes[:5]}...; "
+                "both need the same class subfolders"
+            )
+        return classes, items, val_items
+    held = [math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) for i in range(len(items))]
+    val_items = [x for x, h in zip(items, held) if h]
+    if val_fraction and not val_items:
+        raise ValueError(f"val_fraction {val_fraction} of {len(items)} images holds out none; raise it or pass val_dir")
+    return classes, [x for x, h in zip(items, held) if not h], val_items
+
+
+def _report(writer: ShardWriter, num_classes: int, out_dir: Path, skipped: list[Path]) -> None:
+    counts = {s: writer.num_samples(s) for s in ("train", "val")}
+    print(f"Wrote {counts['train']} train and {counts['val']} val samples of {num_classes} classes to {out_dir}")
     if skipped:
         more = " ..." if len(skipped) > 5 else ""
         print(f"Skipped {len(skipped)} unreadable images: {', '.join(map(str, skipped[:5]))}{more}")
-    return out_dir

@@ -261,6 +261,13 @@ def extend(
         shutil.copyfile(base_dir / name, out_dir / name)
     _check_text(lit, out_dir, new_layout, scheme, tok_path)
 
+    _summary(base_dir, out_dir, config, image, new_layout, weights, text_ids, scheme, tok_path, copied)
+    return out_dir
+
+
+def _summary(base_dir: Path, out_dir: Path, config, image: VocabLayout, new_layout: VocabLayout, weights: dict,
+             text_ids: int, scheme: str, tok_path: Path, copied: list[str]) -> None:
+    """What ``extend`` added, and each base file it did not carry over with the reason."""
     used = {WEIGHTS, CONFIG, tok_path.name, "tokenizer_config.json", *copied}
     skipped = sorted(p.name for p in base_dir.iterdir() if p.is_file() and p.name not in used)
     tied = bool(torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"]))
@@ -278,4 +285,3 @@ def extend(
         if name == "tokenizer.model" and scheme == "hf":
             why = "tokenizer.json is the tokenizer litgpt reads when both are present"
         print(f"  not carried over: {name} ({why})")
-    return out_dir

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, ImportError)
+USER_ERRORS = (ValueError, OSError, ImportError)  # a user's input or machine: one line, never a traceback
 
 
 COMMANDS = {  # subcommand -> ("module:function", one line for the command list); imported only when run
@@ -48,8 +48,15 @@ def usage() -> str:
             + "\n\n`rar-llm COMMAND --help` lists a command's flags; --debug (or RAR_LLM_DEBUG=1) shows tracebacks.")
 
 
+def parser_message(error: Exception) -> str:
+    """jsonargparse's rejection of a flag value as one line: ``--epochs: expected a float, got 'inf'``."""
+    text = " ".join(str(error).split())
+    m = re.fullmatch(r'Parser key "([\w.]+)": Expected a <class \'(\w+)\'>\. Got value: (.*)', text)
+    return f"--{m[1]}: expected {'an' if m[2][0] in 'aeiou' else 'a'} {m[2]}, got {m[3]!r}" if m else text
+
+
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("RAR_LLM_DEBUG", "") not in ("", "0")
@@ -64,7 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rar-llm: error: {problem}; use one of: {', '.join(COMMANDS)} (rar-llm --help)", file=sys.stderr)
         sys.exit(2)
     try:
-        CLI({name: command(name)}, as_positional=False, args=argv)
+        CLI({name: command(name)}, as_positional=False, args=argv, exit_on_error=False)
+    except ArgumentError as e:  # a flag the parser rejects: one line too, not the usage block
+        if debug:
+            raise
+        print(f"rar-llm {name}: error: {parser_message(e)} (rar-llm {name} --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as e:
         if debug:
             raise

@@ -219,6 +219,17 @@ def test_cli_user_errors_print_one_line_and_exit_2(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--val_fraction", "abc"], "rar-llm digits: error: --val_fraction: expected a float, got 'abc'"),
+    (["--seed", "1", "--bogus", "3"], "rar-llm digits: error: Unrecognized arguments: --bogus 3"),
+])
+def test_flags_the_parser_rejects_are_one_line_and_exit_2(flags, says):
+    out = subprocess.run([sys.executable, "-m", "rar_llm", "digits", *flags], capture_output=True, text=True,
+                         env=dict(os.environ, RAR_LLM_DEBUG=""))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(says), out.stderr
+
+
 def test_help_lists_closed_choices():
     parser = capture_parser(lambda: main(["sample", "--checkpoint_dir", "x"]))
     text = parser._subcommands_action.choices["sample"].format_help()

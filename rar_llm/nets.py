@@ -1,13 +1,19 @@
 """What the small networks trained here share (the VQ tokenizer, the evaluation CNN): a safetensors file
-that carries the network's settings and training figures, and an endless stream of shuffled batches."""
+that carries the network's settings and training figures, the report written beside it, the checks of a
+training run's flags, and an endless stream of shuffled batches."""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from rar_llm.data.shards import positive_int
 
 
 def save_net(net: torch.nn.Module, path: Path | str, fmt: str, config: dict, report: dict | None = None) -> Path:
@@ -19,8 +25,52 @@ def save_net(net: torch.nn.Module, path: Path | str, fmt: str, config: dict, rep
     meta = {"format": fmt, "config": json.dumps(config)}
     if report is not None:
         meta["report"] = json.dumps(report)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    tmp = path.with_name(f".{path.name}.tmp")  # moved into place whole: an interrupted save leaves no half file
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def report_path(out: Path) -> Path:
+    """Where a trainer writes the figures of the net it saved as ``out``: ``NAME.report.json`` beside it."""
+    return out.with_name(out.stem + ".report.json")
+
+
+def claim_net_files(out: Path | str, overwrite: bool) -> tuple[Path, Path]:
+    """``(out, its report)`` for a trainer, checked before any work: ``out`` must name a ``.safetensors``
+    file, and neither file may exist unless ``overwrite`` (which replaces just these two)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the network is saved as safetensors; name a .safetensors file")
+    report = report_path(out)
+    for path in (out, report):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give --out a file name")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite true (it replaces {out.name} and "
+                                  f"{report.name} only) or another --out")
+    return out, report
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The JSON report, written to a temporary name and moved into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def check_run(epochs: float, batch_size: int, lr: float, threads: int | None) -> None:
+    """A training run's flags, before any data is read: a positive, finite length, batch and rate."""
+    for name, value in (("epochs", epochs), ("lr", lr)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"--{name} {value!r} must be a finite number > 0")
+    positive_int("batch_size", batch_size)
+    if threads is not None:
+        positive_int("threads", threads)
+
 
 
 def read_net(path: Path | str, fmt: str, what: str, command: str) -> tuple[dict[str, torch.Tensor], dict, dict | None]:

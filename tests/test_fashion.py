@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import struct
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 pytest.importorskip("vector_quantize_pytorch")
 
-from rar_llm.eval.classifier import CNNClassifier, fit_cnn  # noqa: E402
+from rar_llm.eval.classifier import CNNClassifier, fit_cnn, train_classifier  # noqa: E402
 from rar_llm.data.rar import RARData  # noqa: E402
 from rar_llm.data.fashion import FILES, fashion_mnist, load_split, read_idx  # noqa: E402
 from rar_llm.permute import Permutation  # noqa: E402
@@ -206,7 +207,74 @@ def test_noise_is_plumbed_through_the_data_module_and_checked(tmp_path):
 
 
 def test_train_vq_report(vq_file):
-    report = json.loads(vq_file.with_suffix(".json").read_text())
+    report = json.loads(vq_file.with_name("vq.report.json").read_text())
     for key in ("psnr_db", "utilisation", "perplexity", "codes_used", "train_utilisation"):
         assert key in report
     assert report["config"]["codebook_size"] == 16
+    assert report["split"] == "test (20 held-out images)"  # what the split held, not a fixed figure
+
+
+TINY_VQ = dict(codebook_size=16, grid=7, width=8, dim=8, epochs=0.1, batch_size=20)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(epochs=0), "--epochs 0 must be a finite number > 0"),
+    (dict(epochs=-3), "--epochs -3 must be a finite number > 0"),
+    (dict(epochs=float("inf")), "--epochs inf must be a finite number > 0"),
+    (dict(lr=float("nan")), "--lr nan must be a finite number > 0"),
+    (dict(batch_size=-5), "batch_size must be an integer >= 1, got -5"),
+    (dict(width=0), "width must be an integer >= 1, got 0"),
+    (dict(dim=0), "dim must be an integer >= 1, got 0"),
+    (dict(codebook_size=1), "codebook_size must be an integer >= 2, got 1"),
+    (dict(grid=5), "grid 5 does not fit 28x28 images: image_size / grid must be 2 or 4 (grid 14 or 7)"),
+    (dict(threads=0), "threads must be an integer >= 1, got 0"),
+])
+def test_train_vq_refuses_bad_flags_before_any_work(idx_dir, tmp_path, change, message):
+    out = tmp_path / "vq.safetensors"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_vq(out, source_dir=idx_dir, **(TINY_VQ | change))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("train", ["vq", "classifier"])
+def test_trainers_never_touch_a_file_they_do_not_write(idx_dir, tmp_path, train):
+    side = tmp_path / "side"
+    side.mkdir()
+    (side / "model.json").write_text("the user's own")  # beside --out, but not the report's name
+    run = (lambda out, **kw: train_vq(out, source_dir=idx_dir, **TINY_VQ, **kw)) if train == "vq" else \
+        (lambda out, **kw: train_classifier(out, source_dir=idx_dir, epochs=0.1, **kw))
+    run(side / "model.safetensors")
+    assert (side / "model.json").read_text() == "the user's own"
+    assert (side / "model.report.json").is_file()
+    assert sorted(p.name for p in side.iterdir()) == ["model.json", "model.report.json", "model.safetensors"]
+    (side / "model.safetensors").unlink()  # the report alone still blocks a second run
+    with pytest.raises(FileExistsError, match="model.report.json already exists"):
+        run(side / "model.safetensors")
+    run(side / "model.safetensors", overwrite=True)
+    assert (side / "model.json").read_text() == "the user's own"
+    with pytest.raises(ValueError, match="name a .safetensors file"):
+        run(side / "model.pt")
+
+
+def test_train_classifier_checks_its_flags_and_tokenizer_before_training(idx_dir, vq_file, tmp_path, capsys):
+    with pytest.raises(ValueError, match=re.escape("--epochs 0 must be a finite number > 0")):
+        train_classifier(tmp_path / "c.safetensors", source_dir=idx_dir, epochs=0)
+    bad = tmp_path / "not_vq.safetensors"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not_vq.safetensors is not a readable safetensors file"):
+        train_classifier(tmp_path / "c.safetensors", source_dir=idx_dir, tokenizer=bad)
+    assert "classifier step" not in capsys.readouterr().out  # refused before the first training step
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_images_of_another_size_are_refused_when_read(tmp_path):
+    folder = tmp_path / "idx32"
+    folder.mkdir()
+    for split in ("train", "test"):
+        images, labels = np.zeros((4, 32, 32), np.uint8), np.arange(4, dtype=np.uint8)
+        for name, arr in zip(FILES[split], (images, labels)):
+            (folder / name).write_bytes(idx_bytes(arr))
+    with pytest.raises(ValueError, match="holds 32x32 images; an MNIST-style set is 28x28"):
+        train_vq(tmp_path / "vq.safetensors", source_dir=folder, **TINY_VQ)
+    with pytest.raises(ValueError, match="holds 32x32 images"):
+        train_classifier(tmp_path / "c.safetensors", source_dir=folder, epochs=0.1)

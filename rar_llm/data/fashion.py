@@ -36,6 +36,7 @@ HOW_TO_GET = (
     "with --source_dir"
 )
 IDX_TYPES = {0x08: np.uint8}  # the only type MNIST-style sets use
+SIZE = (28, 28)  # pixels of every MNIST-style image
 
 
 def read_idx(path: Path | str, ndim: int | None = None) -> np.ndarray:
@@ -95,6 +96,9 @@ def load_split(source_dir: Path | str | None = None, split: str = "train") -> tu
     if len(images) != len(labels):
         raise ValueError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels; "
                          "the two files do not belong together")
+    if images.shape[1:] != SIZE:
+        raise ValueError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images; an MNIST-style set is "
+                         f"{SIZE[0]}x{SIZE[1]} (is it the right file?)")
     if labels.size and labels.max() >= len(CLASS_NAMES):
         raise ValueError(f"{label_file}: label {int(labels.max())} outside 0..{len(CLASS_NAMES) - 1}")
     return images, labels.astype(np.int64)
@@ -128,8 +132,8 @@ def fashion_mnist(
     from rar_llm.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tokenizer, weights, image_size=28 if tokenizer == "pixel" else None, levels=levels)
-    if tok.image_size != (28, 28) or tok.channels != 1:
-        raise ValueError(f"{tokenizer} takes {tok.channels}x{tok.image_size} images; Fashion-MNIST is 1x(28, 28)")
+    if tok.image_size != SIZE or tok.channels != 1:
+        raise ValueError(f"{tokenizer} takes {tok.channels}x{tok.image_size} images; Fashion-MNIST is 1x{SIZE}")
     splits = {"train": load_split(source_dir, "train"), "val": load_split(source_dir, "test")}
     info = {"source": "fashion-mnist", "tokenizer": str(tokenizer), "val": "t10k (the official test split)"}
     with ShardWriter(Path(out_dir), tok.codebook_size, *tok.grid, len(CLASS_NAMES), class_names=CLASS_NAMES,

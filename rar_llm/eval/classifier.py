@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rar_llm.nets import load_net, save_net, shuffled_batches
+from rar_llm.nets import check_run, claim_net_files, load_net, save_net, shuffled_batches, write_report
 
 FORMAT = "rar_llm-cnn"
 
@@ -134,30 +134,39 @@ def train_classifier(
 
     With ``tokenizer`` (a ``rar-llm train-vq`` file) it also reports the accuracy on the test images
     after a round trip through the tokenizer, and their PSNR: what the tokenizer loses.
-    Writes ``out`` (safetensors) and its ``.json`` report.
+    Writes ``out`` (safetensors) and ``NAME.report.json`` beside it; ``overwrite`` replaces those two only.
     """
     from rar_llm.data.fashion import load_split, to_float
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite true or another --out")
-    if threads:
-        torch.set_num_threads(threads)
+    out, report_file = claim_net_files(out, overwrite)
+    check_run(epochs, 128, 2e-3, threads)
     images, labels = load_split(source_dir, "train")
     test_images, test_labels = load_split(source_dir, "test")
+    if images.shape[1:] != test_images.shape[1:] or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{source_dir}: train images are {images.shape[1:]}, test images {test_images.shape[1:]}; "
+                         "train-classifier needs square images of one size")
+    tok = None
+    if tokenizer is not None:  # read and checked before training, not after it
+        from rar_llm.tokenizers.vq import VQTokenizer
+
+        tok = VQTokenizer.load(tokenizer)
+        if tok.image_size != images.shape[1:]:
+            raise ValueError(f"--tokenizer {tokenizer} takes {tok.image_size} images but {source_dir} holds "
+                             f"{images.shape[1:]}; give the tokenizer trained on these images")
+    if threads:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     clf = fit_cnn(to_float(images), labels, epochs=epochs, seed=seed)
     report = {"test_accuracy": clf.accuracy(to_float(test_images), test_labels),
               "train_seconds": round(time.perf_counter() - t0), "epochs": epochs, "seed": seed}
-    if tokenizer is not None:
-        from rar_llm.tokenizers.vq import VQTokenizer, reconstruction_report
+    if tok is not None:
+        from rar_llm.tokenizers.vq import reconstruction_report
 
-        tok = VQTokenizer.load(tokenizer)
         rec_report, rec = reconstruction_report(tok, to_float(test_images))
         report |= {"reconstructed_test_accuracy": clf.accuracy(rec, test_labels), "tokenizer": str(tokenizer),
                    "tokenizer_test": rec_report}
     clf.save(out, report)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report_file, report)
     print(json.dumps(report, indent=1))
-    print(f"Wrote {out}")
+    print(f"Wrote {out} and its report {report_file}")
     return report

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rar_llm.data.fashion import load_split, to_float
-from rar_llm.nets import shuffled_batches
+from rar_llm.nets import check_run, claim_net_files, positive_int, shuffled_batches, write_report
 from rar_llm.tokenizers.vq import VQTokenizer, reconstruction_report, utilisation
 
 
@@ -31,7 +31,7 @@ def train_vq(
 ) -> Path:
     """Train the VQ tokenizer on Fashion-MNIST's training split; report utilisation and PSNR on its test split.
 
-    Writes ``out`` (safetensors) and ``out`` with ``.json`` (the figures). The test split only measures.
+    Writes ``out`` (safetensors) and ``NAME.report.json`` beside it (the figures). The test split only measures.
 
     Args:
         out: the ``.safetensors`` file to write.
@@ -40,17 +40,22 @@ def train_vq(
         epochs: passes over the 60,000 training images (fractions allowed).
         batch_size, lr, seed: AdamW's batch and peak rate (cosine decay, 5 % warm-up); the seed fixes init and order.
         threads: torch threads (default: torch's).
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` and its report (nothing else).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite true or another --out")
-    if threads:
-        torch.set_num_threads(threads)
+    out, report_file = claim_net_files(out, overwrite)
+    check_run(epochs, batch_size, lr, threads)
+    for name, value in (("codebook_size", codebook_size), ("grid", grid), ("width", width), ("dim", dim)):
+        positive_int(name, value, minimum=2 if name == "codebook_size" else 1)
     train_images = to_float(load_split(source_dir, "train")[0])
     test_images = to_float(load_split(source_dir, "test")[0])
+    side = train_images.shape[-1]
+    if train_images.shape[-2:] != test_images.shape[-2:] or train_images.shape[-2] != side:
+        raise ValueError(f"{source_dir}: train images are {tuple(train_images.shape[-2:])}, test images "
+                         f"{tuple(test_images.shape[-2:])}; train-vq needs square images of one size")
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    tok = VQTokenizer(codebook_size, grid, 28, width, dim)
+    tok = VQTokenizer(codebook_size, grid, side, width, dim)  # refuses a grid that does not fit the images
     opt = torch.optim.AdamW([p for p in tok.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     steps = max(1, round(epochs * len(train_images) / batch_size))
     warm = max(1, steps // 20)
@@ -76,9 +81,9 @@ def train_vq(
     report, _ = reconstruction_report(tok, test_images)
     report |= {"train_utilisation": utilisation(tok.encode(train_images), codebook_size)["utilisation"],
                "steps": steps, "batch_size": batch_size, "epochs": epochs, "seed": seed,
-               "train_seconds": round(time.perf_counter() - t0), "split": "test (10,000 held-out images)"}
+               "train_seconds": round(time.perf_counter() - t0), "split": f"test ({len(test_images):,} held-out images)"}
     tok.save(out, report)
-    out.with_suffix(".json").write_text(json.dumps({"config": tok.config, **report}, indent=1) + "\n")
+    write_report(report_file, {"config": tok.config, **report})
     print(json.dumps(report, indent=1))
-    print(f"Wrote {out}")
+    print(f"Wrote {out} and its report {report_file}")
     return out

@@ -66,7 +66,9 @@ class VQTokenizer(nn.Module, ImageTokenizer):
         super().__init__()
         factor = image_size // grid
         if grid * factor != image_size or factor not in (2, 4):
-            raise ValueError(f"image_size {image_size} / grid {grid} must be 2 or 4")
+            fits = [image_size // f for f in (2, 4) if image_size % f == 0]
+            raise ValueError(f"grid {grid} does not fit {image_size}x{image_size} images: image_size / grid must be "
+                             f"2 or 4 (grid {' or '.join(map(str, fits)) or 'none'})")
         if codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
         self.config = {"codebook_size": codebook_size, "grid": grid, "image_size": image_size, "width": width,

@@ -15,7 +15,7 @@ from rar_llm.eval.classifier import CNNClassifier, fit_cnn, train_classifier  # 
 from rar_llm.data.rar import RARData  # noqa: E402
 from rar_llm.data.fashion import FILES, fashion_mnist, load_split, read_idx  # noqa: E402
 from rar_llm.permute import Permutation  # noqa: E402
-from rar_llm.data.shards import Shards, read_meta  # noqa: E402
+from rar_llm.data.shards import ShardWriter, Shards, read_meta  # noqa: E402
 from rar_llm.tokenizers import load_tokenizer  # noqa: E402
 from rar_llm.tokenizers.train_vq import train_vq  # noqa: E402
 from rar_llm.tokenizers.vq import VQTokenizer  # noqa: E402
@@ -278,3 +278,12 @@ def test_images_of_another_size_are_refused_when_read(tmp_path):
         train_vq(tmp_path / "vq.safetensors", source_dir=folder, **TINY_VQ)
     with pytest.raises(ValueError, match="holds 32x32 images"):
         train_classifier(tmp_path / "c.safetensors", source_dir=folder, epochs=0.1)
+
+
+def test_an_existing_data_folder_is_refused_without_suggesting_a_resume_the_command_lacks(idx_dir, tmp_path):
+    fashion_mnist(tmp_path / "data", source_dir=idx_dir)
+    with pytest.raises(FileExistsError) as err:
+        fashion_mnist(tmp_path / "data", source_dir=idx_dir)
+    assert "already holds data" in str(err.value) and "resume" not in str(err.value)
+    with pytest.raises(FileExistsError, match="pass --resume true to continue"):
+        ShardWriter(tmp_path / "data", 256, 28, 28, 10)  # a writer whose command can resume says how

@@ -36,7 +36,7 @@ def digits(out_dir: Path = Path("data/digits"), val_fraction: float = 0.2, seed:
         idx = rng.permutation(np.flatnonzero(labels == c))
         val[idx[: round(val_fraction * len(idx))]] = True
     info = {"source": "sklearn digits", "tokenizer": "digits"}
-    with ShardWriter(Path(out_dir), 17, 8, 8, 10, class_names=DIGIT_NAMES, info=info) as w:
+    with ShardWriter(Path(out_dir), 17, 8, 8, 10, class_names=DIGIT_NAMES, info=info, resumable=False) as w:
         w.add("train", codes[~val], labels[~val])
         w.add("val", codes[val], labels[val])
     print(f"Wrote {int((~val).sum())} train and {int(val.sum())} val digits to {out_dir}")

@@ -137,7 +137,7 @@ def fashion_mnist(
     splits = {"train": load_split(source_dir, "train"), "val": load_split(source_dir, "test")}
     info = {"source": "fashion-mnist", "tokenizer": str(tokenizer), "val": "t10k (the official test split)"}
     with ShardWriter(Path(out_dir), tok.codebook_size, *tok.grid, len(CLASS_NAMES), class_names=CLASS_NAMES,
-                     info=info) as w:
+                     info=info, resumable=False) as w:
         for split, (images, labels) in splits.items():
             codes = torch.cat(
                 [tok.encode(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]

@@ -163,6 +163,7 @@ class ShardWriter:
     shard_size: int = 65536
     resume: bool = False
     info: dict = field(default_factory=dict)
+    resumable: bool = True  # whether the writing command has --resume (what a refusal suggests)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -187,10 +188,9 @@ class ShardWriter:
         }
         if (self.data_dir / META).is_file():
             if not self.resume:
-                raise FileExistsError(
-                    f"{self.data_dir} already holds data ({META}); choose another folder, delete it, "
-                    "or resume the interrupted run"
-                )
+                how = ", or pass --resume true to continue an interrupted run" if self.resumable else ""
+                raise FileExistsError(f"{self.data_dir} already holds data ({META}); choose another folder or "
+                                      f"delete it{how}")
             old = read_meta(self.data_dir)
             for key in ("codebook_size", "height", "width", "num_classes"):
                 if old[key] != new[key]:

@@ -31,14 +31,13 @@ from litgpt.utils import save_config
 from tokenizers import AddedToken, Tokenizer
 
 from rar_llm.checkpoint import CONFIG, WEIGHTS, check_weights, read_config, read_weights
-from rar_llm.outputs import claim_outputs
+from rar_llm.outputs import check_outputs, staged_files
 from rar_llm.text.base import append_tokens, load_text_tokenizer, sentencepiece_to_hf
 from rar_llm.vocab import LAYOUT_KEY, VocabLayout
 
 HF_BASE = "base_tokenizer.json"  # the base's tokenizer.json, as the layout's text_tokenizer
 SP_BASE = "tokenizer.model"  # the base's SentencePiece model (litgpt copies it into its outputs too)
 COPIED = ("generation_config.json", "prompt_style.yaml")
-OWNED = (WEIGHTS, CONFIG, "tokenizer.json", "tokenizer_config.json", HF_BASE, SP_BASE, *COPIED)
 # files of a litgpt / Hugging Face folder that describe the base's vocabulary or training, not the new model
 NOT_CARRIED = {
     "config.json": "a Hugging Face config of the base's vocabulary; `rar-llm export` writes one for the new model",
@@ -214,11 +213,10 @@ def extend(
     config = read_config(base_dir)
     tok_path, scheme = _base_files(base_dir)
     image = _image_layout(layout)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out_dir {out_dir} is a file; give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out_dir or pass --overwrite true "
-                              "(it replaces only the files extend writes)")
+    copy_name = HF_BASE if scheme == "hf" else SP_BASE
+    copied = [name for name in COPIED if (base_dir / name).is_file()]
+    written = [WEIGHTS, CONFIG, "tokenizer.json", "tokenizer_config.json", copy_name, *copied]  # and nothing else
+    check_outputs(out_dir, written, overwrite, source=base_dir)
 
     base_tok_config = _read_tokenizer_config(base_dir)
     try:
@@ -236,9 +234,7 @@ def extend(
             f"{tok_path} names {text_ids} ids but {base_dir / CONFIG} gives the model {config.padded_vocab_size} "
             "embedding rows (padded_vocab_size); the tokenizer and the weights come from different models"
         )
-    claim_outputs(out_dir, OWNED, overwrite, source=base_dir)  # after every check: nothing is removed on a refusal
-    copy = out_dir / (HF_BASE if scheme == "hf" else SP_BASE)
-    spec = f"{scheme}:{copy.resolve()}"  # absolute: rar_llm reads it from any working directory
+    spec = f"{scheme}:{(out_dir / copy_name).resolve()}"  # absolute: rar_llm reads it from any working directory
     new_layout = VocabLayout.from_dict(image.to_dict() | {
         "text_vocab_size": config.padded_vocab_size,
         "text_tokenizer": spec,
@@ -247,18 +243,18 @@ def extend(
     new_config = extended_config(config, new_layout)
     new_layout.check_model(new_config, where="extended config")
 
-    shutil.copyfile(tok_path, copy)
     merged = _merged_tokenizer(tok_path, scheme, text_ids, new_layout)
     tok_config = _tokenizer_config(base_tok_config, lit, merged, new_layout)
     weights = extend_weights(state, config, new_layout, noise=noise, seed=seed)
     check_weights(new_config, weights, "extended weights")
-    torch.save(weights, out_dir / WEIGHTS)
-    save_config(new_config, out_dir)
-    merged.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-    copied = [name for name in COPIED if (base_dir / name).is_file()]
-    for name in copied:
-        shutil.copyfile(base_dir / name, out_dir / name)
+    with staged_files(out_dir, written) as stage:  # all or nothing: a failure leaves out_dir as it was
+        shutil.copyfile(tok_path, stage / copy_name)
+        torch.save(weights, stage / WEIGHTS)
+        save_config(new_config, stage)
+        merged.save(str(stage / "tokenizer.json"))
+        (stage / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        for name in copied:
+            shutil.copyfile(base_dir / name, stage / name)
     _check_text(lit, out_dir, new_layout, scheme, tok_path)
 
     _summary(base_dir, out_dir, config, image, new_layout, weights, text_ids, scheme, tok_path, copied)

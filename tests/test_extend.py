@@ -7,6 +7,7 @@ trained here whose model is padded beyond its tokenizer (so the padding ids must
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -172,6 +173,48 @@ def test_refusals_name_the_file_and_the_fix(pair, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json nor tokenizer.model"):
         extend(bare, "digits", tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_overwrite_replaces_only_what_this_run_writes(pair, tmp_path):
+    style, full, _ = pair
+    base = tmp_path / "base"  # a base without the optional files
+    shutil.copytree(full, base, ignore=shutil.ignore_patterns("tokenizer.model", "generation_config.json",
+                                                              "prompt_style.yaml"))
+    out = tmp_path / "u2"
+    out.mkdir()
+    mine = {"tokenizer.model": b"my sp model", "generation_config.json": b"{}", "prompt_style.yaml": b"mine: 1"}
+    for name, data in mine.items():  # the user's own files, of names extend writes only when the base has them
+        (out / name).write_bytes(data)
+    extend(base, "digits", out, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    assert not [p for p in out.iterdir() if p.name.startswith(".rar-llm-")]  # no staging folder left
+
+
+def test_out_dir_at_the_base_is_refused_without_suggesting_overwrite(pair):
+    style, base, _ = pair
+    for target in (base, base.parent):
+        with pytest.raises(ValueError, match="would contain the input") as err:
+            extend(base, "digits", target)
+        assert "--overwrite" not in str(err.value)
+
+
+def test_a_failed_write_leaves_the_old_outputs_and_is_one_line(pair, tmp_path, monkeypatch, capsys):
+    from rar_llm.__main__ import main
+
+    style, base, _ = pair
+    out = extend(base, "digits", tmp_path / "x")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(out / "lit_model.pth"))
+
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.raises(SystemExit) as e:
+        main(["extend", "--checkpoint_dir", str(base), "--layout", "digits", "--out_dir", str(out),
+              "--overwrite", "true"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("rar-llm extend: error:") and "Read-only" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # all or nothing
 
 
 def test_export_round_trip_or_a_clear_refusal(pair, tmp_path):

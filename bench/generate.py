@@ -57,7 +57,7 @@ def bench(
     from litgpt.model import GPT
 
     from rar_llm.checkpoint import default_dtype
-    from rar_llm.sampling.decoding import RAR_PRESETS
+    from rar_llm.sampling.settings import RAR_PRESETS
     from rar_llm.checkpoint import init_weights, model_config
     from rar_llm.sampling.loop import generate
     from rar_llm.vocab import VocabLayout
@@ -83,10 +83,10 @@ def bench(
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
     def run(net: GPT, one_by_one: bool = False, **kwargs) -> float:
-        generate(net, [0], layout=layout, steps=1, seed=0, **preset, **kwargs)  # warm-up: threads, kernels
+        generate(net, [0], layout=layout, steps=1, seed=0, settings=preset, **kwargs)  # warm-up: threads, kernels
         start = time.perf_counter()
         for chunk in [[c] for c in classes] if one_by_one else [classes]:
-            generate(net, chunk, layout=layout, seed=0, **preset, **kwargs)
+            generate(net, chunk, layout=layout, seed=0, settings=preset, **kwargs)
         return time.perf_counter() - start
 
     seconds: dict[str, float] = {}

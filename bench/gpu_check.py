@@ -964,15 +964,17 @@ class StaticDecoder:
         race = torch.empty_like(probs).exponential_(1)
         return torch.argmax(probs / race, dim=-1)
 
-    def __call__(self, class_ids, guidance: float, schedule: str, power: float, temperature: float,
-                 greedy: bool = False, seed: int = 0):
+    def __call__(self, class_ids, settings, greedy: bool = False, seed: int = 0):
+        """``settings``: a ``SamplingSettings`` (its guidance, schedule, power and temperature; raster order)."""
         import torch
 
         from rar_llm.sampling.decoding import guidance_scale
 
         L, B, n = self.layout, self.batch, self.layout.num_positions
         torch.manual_seed(seed)
-        gs = torch.tensor([guidance_scale(guidance, t, n, schedule, power) for t in range(n)], device=self.device)
+        gs = torch.tensor([guidance_scale(settings.guidance, t, n, settings.schedule, settings.power)
+                           for t in range(n)], device=self.device)
+        temperature = settings.temperature
         inv_t = torch.tensor(1.0 / temperature if temperature > 0 else 1.0, device=self.device)
         classes = torch.as_tensor(class_ids, device=self.device)
         prev = torch.cat((L.class_tokens(classes.cpu()).to(self.device), torch.full_like(classes, L.null_class)))
@@ -991,8 +993,10 @@ class StaticDecoder:
 def part_sampling(ctx: Ctx) -> dict:
     import torch
 
-    from rar_llm.sampling.decoding import RAR_PRESETS
+    from dataclasses import replace
+
     from rar_llm.sampling.loop import generate
+    from rar_llm.sampling.settings import RAR_PRESETS
     from rar_llm.tokenizers import load_tokenizer
 
     preset = RAR_PRESETS["rar-b"]
@@ -1021,10 +1025,10 @@ def part_sampling(ctx: Ctx) -> dict:
     eager_codes = {}
     for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = base32 if dtype == torch.float32 else ctx.build_model(dtype).eval()
-        generate(model, classes[:2], steps=2, seed=0, batch_size=B, **preset)  # warm-up
+        generate(model, classes[:2], steps=2, seed=0, batch_size=B, settings=preset)  # warm-up
         with Memory(ctx) as mem:
             t0 = time.perf_counter()
-            codes = generate(model, classes, seed=0, batch_size=B, **preset)
+            codes = generate(model, classes, seed=0, batch_size=B, settings=preset)
             t1 = time.perf_counter()
             decode(codes)
             t2 = time.perf_counter()
@@ -1041,11 +1045,11 @@ def part_sampling(ctx: Ctx) -> dict:
 
     # the static loop, eager: the compiled variant's code path, checked against rar_llm.generate (greedy)
     greedy_n = min(B, 8)
-    greedy_preset = {**preset, "temperature": 0}
-    ref = generate(base32, classes[:greedy_n], seed=0, batch_size=greedy_n, **greedy_preset)
+    greedy_preset = replace(preset, temperature=0)
+    ref = generate(base32, classes[:greedy_n], seed=0, batch_size=greedy_n, settings=greedy_preset)
     with torch.no_grad():
         static = StaticDecoder(base32, ctx.layout, greedy_n, compile=False)
-        mine = static(classes[:greedy_n], **greedy_preset, greedy=True).cpu()
+        mine = static(classes[:greedy_n], greedy_preset, greedy=True).cpu()
         static.close()
     figures["static_loop_greedy_agreement"] = float((mine == ref).float().mean())
     say("sampling", "static loop (eager) vs rar_llm.generate, greedy, fp32: codes equal",
@@ -1066,20 +1070,20 @@ def part_sampling(ctx: Ctx) -> dict:
                 with torch.no_grad():
                     t0 = time.perf_counter()
                     static = StaticDecoder(model, ctx.layout, B, compile=True)
-                    static(classes, **preset, seed=1)  # compiles, warms up and records the CUDA graph
+                    static(classes, preset, seed=1)  # compiles, warms up and records the CUDA graph
                     ctx.sync()
                     warm = time.perf_counter() - t0
                     with Memory(ctx) as mem:
                         t0 = time.perf_counter()
-                        codes = static(classes, **preset)
+                        codes = static(classes, preset)
                         ctx.sync()
                         t1 = time.perf_counter()
                         decode(codes)
                         t2 = time.perf_counter()
-                    greedy = static(classes, **greedy_preset, greedy=True).cpu()  # another specialisation, untimed
+                    greedy = static(classes, greedy_preset, greedy=True).cpu()  # another specialisation, untimed
                     static.close()
                     eager = StaticDecoder(model, ctx.layout, B, compile=False)
-                    agree = float((eager(classes, **greedy_preset, greedy=True).cpu() == greedy).float().mean())
+                    agree = float((eager(classes, greedy_preset, greedy=True).cpu() == greedy).float().mean())
                     eager.close()
                 figures[f"compiled_{dname}_img_s"] = B / (t2 - t0)
                 figures[f"compiled_{dname}_generate_s"] = t1 - t0

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from rar_llm.sampling.settings import RAR_PRESETS, SamplingSettings
 from rar_llm.vocab import VocabLayout
 
 
@@ -194,7 +195,7 @@ def online_checks(url: str, calls: int, batch: int = 4) -> bool:
     return ok and failures == 0
 
 
-def bench(hf: Path, batches: list[int], settings: dict, repeats: int, dtype: str) -> list[dict]:
+def bench(hf: Path, batches: list[int], settings: SamplingSettings, repeats: int, dtype: str) -> list[dict]:
     """Seconds per call of rar_llm.generate and of vLLM (in-process engine), interleaved call by call so
     both see the same machine load; one thread each (vLLM binds its worker to one core and leaves the
     other to the process; torch.set_num_threads(1) for litgpt). The engine start is reported apart."""
@@ -206,19 +207,19 @@ def bench(hf: Path, batches: list[int], settings: dict, repeats: int, dtype: str
     model = load_model(hf.parent / (hf.name + "-lit"), "cpu", getattr(torch, dtype))
     layout = VocabLayout.from_checkpoint(hf)
     t0 = time.perf_counter()
-    llm = make_llm(hf, max_images=max(batches), guidance=settings.get("guidance", 1.0) != 1.0, dtype=dtype)
+    llm = make_llm(hf, max_images=max(batches), guidance=settings.guided, dtype=dtype)
     start = time.perf_counter() - t0
     torch.set_num_threads(1)
     rows = []
     for b in batches:
         classes = [i % layout.num_classes for i in range(b)]
-        generate(model, classes, seed=0, **settings)  # warm-ups
-        vllm_generate(llm, classes, seed=0, **settings)
+        generate(model, classes, seed=0, settings=settings)  # warm-ups
+        vllm_generate(llm, classes, seed=0, settings=settings)
         times: dict[str, list[float]] = {"rar_llm.generate": [], "vllm": []}
         load = os.getloadavg()[0]
         for r in range(repeats):
-            for name, fn in (("rar_llm.generate", lambda: generate(model, classes, seed=r, **settings)),
-                             ("vllm", lambda: vllm_generate(llm, classes, seed=r, **settings))):
+            for name, fn in (("rar_llm.generate", lambda: generate(model, classes, seed=r, settings=settings)),
+                             ("vllm", lambda: vllm_generate(llm, classes, seed=r, settings=settings))):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -252,8 +253,6 @@ def main() -> int:
         print("ALL PASS" if ok else "SOME CHECKS FAILED")
         return 0 if ok else 1
     if args.bench_model:
-        from rar_llm.sampling.decoding import RAR_PRESETS
-
         if args.bench_model == "rar-b":
             if args.grid == 16:
                 lay = "maskgit_imagenet"  # RAR-B as published: 1024 codes, 1000 classes, 16x16
@@ -262,10 +261,10 @@ def main() -> int:
                 lay.write_text(json.dumps({"codebook_size": 1024, "height": args.grid, "width": args.grid,
                                            "num_classes": 1000}))
             hf = args.hf or make_export(args.out, "rar-b", str(lay), std=0.02)
-            settings = dict(RAR_PRESETS["rar-b"])
+            settings = RAR_PRESETS["rar-b"]
         else:
             hf = args.hf or make_export(args.out)
-            settings = dict(guidance=2.0)
+            settings = SamplingSettings(guidance=2.0)
         rows = bench(hf, [int(b) for b in args.batches.split(",")], settings, args.repeats, args.dtype)
         n = VocabLayout.from_checkpoint(hf).num_positions
         print(f"\n{args.bench_model} ({hf}), {n} codes, {settings}, {args.dtype}")

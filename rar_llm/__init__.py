@@ -12,7 +12,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 _LAZY = {  # name -> module; imported on first use, so `import rar_llm` itself imports nothing heavy
-    "RAR_PRESETS": "rar_llm.sampling.decoding",
+    "RAR_PRESETS": "rar_llm.sampling.settings",
+    "SamplingSettings": "rar_llm.sampling.settings",
     "Permutation": "rar_llm.permute",
     "anneal_r": "rar_llm.permute",
     "interleave": "rar_llm.permute",
@@ -25,7 +26,7 @@ _LAZY = {  # name -> module; imported on first use, so `import rar_llm` itself i
 
 if TYPE_CHECKING:
     from rar_llm.checkpoint import load_model
-    from rar_llm.sampling.decoding import RAR_PRESETS
+    from rar_llm.sampling.settings import RAR_PRESETS, SamplingSettings
     from rar_llm.permute import Permutation, anneal_r, interleave
     from rar_llm.sampling.loop import generate, generate_from_prompt
     from rar_llm.serve.batch import vllm_generate
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "RAR_PRESETS",
     "Permutation",
+    "SamplingSettings",
     "VocabLayout",
     "anneal_r",
     "generate",

@@ -1,5 +1,6 @@
 """The package as users call it: `rar_llm.generate(model, class_id)`, the README's examples, the CLI's errors."""
 
+import dataclasses
 import inspect
 import os
 import re
@@ -180,6 +181,8 @@ def test_demo_recipe_parses_with_litgpt(tmp_path):
 
 def _value(annotation, default):
     """A valid command-line value for a parameter (its default, or a plausible one when it has none)."""
+    if dataclasses.is_dataclass(default):  # a group (e.g. --sampling): its fields as one YAML mapping
+        default = dataclasses.asdict(default)
     if default is not inspect.Parameter.empty and default is not None:
         return yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(
             default, (str, Path)) else str(default)

@@ -9,7 +9,8 @@ from litgpt.model import GPT
 from PIL import Image
 
 from rar_llm.sampling import prepack
-from rar_llm.sampling.decoding import ORDERS, RAR_PRESETS, guidance_scale, parallel_schedule, sample_codes, scan_order
+from rar_llm.sampling.decoding import guidance_scale, parallel_schedule, sample_codes, scan_order
+from rar_llm.sampling.settings import ORDERS, RAR_PRESETS, SamplingSettings
 from rar_llm.checkpoint import init, init_weights, model_config
 from rar_llm.permute import interleave
 from rar_llm.sampling.cli import sample
@@ -127,6 +128,32 @@ def test_kv_cache_is_left_as_the_caller_had_it(model):
     generate(model, [0, 1], layout=LAYOUT, steps=3, guidance=2.0)
     assert model.mask_cache.shape[-1] == 8 and [b.attn.kv_cache for b in model.transformer.h] == caches
     model.clear_kv_cache()
+
+
+def test_context_length_is_left_as_the_caller_had_it(model):
+    before = model.max_seq_length
+    model.max_seq_length = 8  # shorter than the 1 + 2 * 16 tokens of a 4x4 grid: generate makes room
+    rope = model.cos, model.sin
+    try:
+        generate(model, [0, 1], layout=LAYOUT, steps=3, guidance=2.0)
+        assert model.max_seq_length == 8 and model.cos is rope[0] and model.sin is rope[1]
+    finally:
+        model.max_seq_length = before
+
+
+def test_settings_and_their_fields_as_keywords(model):
+    kw = dict(layout=LAYOUT, seed=3, steps=4)
+    preset = RAR_PRESETS["rar-b"]
+    by_preset = generate(model, [0, 2], settings=preset, **kw)
+    assert torch.equal(by_preset, generate(model, [0, 2], guidance=16.0, schedule="power_cosine", power=2.75, **kw))
+    # a field beside settings replaces that field of it
+    assert torch.equal(generate(model, [0, 2], settings=preset, guidance=2.0, **kw),
+                       generate(model, [0, 2], guidance=2.0, schedule="power_cosine", power=2.75, **kw))
+    with pytest.raises(TypeError, match="generate\\(\\) got unexpected keyword argument\\(s\\) guidence; the sampling "
+                                        "settings are guidance, schedule, power, temperature, top_k, top_p, order, steps"):
+        generate(model, 0, layout=LAYOUT, guidence=2.0)
+    with pytest.raises(TypeError, match="settings must be a SamplingSettings"):
+        generate(model, 0, layout=LAYOUT, settings=dict(guidance=2.0))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN (x86/ARM CPU builds)")
@@ -253,7 +280,7 @@ def test_guidance_schedules():
         assert math.isclose(guidance_scale(w, 256, 256, "power_cosine", p), w)
     assert guidance_scale(16.0, 0, 256, "power_cosine", 0.0) == 16.0  # power 0: constant w
     assert guidance_scale(16.0, 256, 256, "power_cosine", 0.0) == 16.0
-    assert RAR_PRESETS["rar-b"] == dict(guidance=16.0, schedule="power_cosine", power=2.75, temperature=1.0)
+    assert RAR_PRESETS["rar-b"] == SamplingSettings(guidance=16.0, schedule="power_cosine", power=2.75, temperature=1.0)
 
 
 @pytest.mark.parametrize("n, steps", [(256, 88), (256, 256), (256, 1), (16, 5), (12, 11), (1, 1)])
@@ -277,15 +304,16 @@ def test_scan_orders_are_permutations():
 def test_sample_cli_writes_png_and_codes(tmp_path):
     ckpt = init(tmp_path / "ckpt", model="rar-tiny", layout="digits")
     out = tmp_path / "samples"
-    sample(ckpt, out_dir=out, classes=[3, 7], num_per_class=2, guidance=2.0, schedule="linear", steps=8, seed=0)
+    sample(ckpt, out_dir=out, classes=[3, 7], num_per_class=2,
+           sampling=SamplingSettings(guidance=2.0, schedule="linear", steps=8), seed=0)
     codes = np.load(out / "codes.npy")
     assert codes.shape == (4, 8, 8) and codes.min() >= 0 and codes.max() <= 16
     assert np.load(out / "labels.npy").tolist() == [3, 3, 7, 7]
     png = Image.open(out / "samples.png")
     assert png.mode == "L" and png.size == (2 * 66 + 2, 2 * 66 + 2)  # 8x8 codes drawn at 64 px
     with pytest.raises(FileExistsError, match="already exist.*--overwrite true"):
-        sample(ckpt, out_dir=out, classes=[3], num_per_class=1, steps=2)
-    sample(ckpt, out_dir=out, classes=[3], num_per_class=1, steps=2, overwrite=True)
+        sample(ckpt, out_dir=out, classes=[3], num_per_class=1, sampling=SamplingSettings(steps=2))
+    sample(ckpt, out_dir=out, classes=[3], num_per_class=1, sampling=SamplingSettings(steps=2), overwrite=True)
     assert np.load(out / "codes.npy").shape == (1, 8, 8)
     with pytest.raises(ValueError, match="preset 'rar-s'"):
         sample(ckpt, out_dir=tmp_path / "other", preset="rar-s")

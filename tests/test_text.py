@@ -173,17 +173,21 @@ def test_guided_parallel_prompted_and_class_generation_share_a_model(text_model)
     assert by_class.shape == (2, 8, 8)
 
 
-def test_bad_prompts_fail_clearly(text_model):
+def test_bad_prompts_fail_clearly(text_model, monkeypatch):
     model, layout = text_model
     with pytest.raises(ValueError, match=r"prompt id 1030 is outside the text ids 0..1023"):
         generate_from_prompt(model, [5, 1030], layout=layout)
     with pytest.raises(ValueError, match="no text vocabulary"):
         encode_prompt(VocabLayout.load("digits"), "seven")
     short = model.max_seq_length
+    seen = []  # the context length at each forward
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(model.max_seq_length) or forward(*a, **k))
     model.max_seq_length = 100  # a context too short for prompt + image grows to fit, up to block_size
     try:
         generate_from_prompt(model, "a handwritten seven", layout=layout, temperature=0.0)
-        assert model.max_seq_length >= len(encode_prompt(layout, "a handwritten seven")) + 1 + 2 * 64
+        assert min(seen) >= len(encode_prompt(layout, "a handwritten seven")) + 1 + 2 * 64
+        assert model.max_seq_length == 100  # and is put back afterwards
         with pytest.raises(ValueError, match="shorten the prompt"):
             generate_from_prompt(model, "seven " * 1000, layout=layout)
     finally:

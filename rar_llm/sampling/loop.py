@@ -24,7 +24,8 @@ its own cache, swapped into litgpt's blocks for its forward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,19 +34,17 @@ from tqdm import tqdm
 
 from rar_llm.checkpoint import model_layout
 from rar_llm.sampling.decoding import (
-    OrderName,
-    Schedule,
-    Settings,
     cell_orders,
     class_ids,
+    guidance_scale,
     known_cells,
     known_first,
-    guidance_scale,
     make_generator,
     parallel_schedule,
     sample_codes,
 )
 from rar_llm.sampling.prepack import prepacked
+from rar_llm.sampling.settings import SamplingSettings, resolve
 from rar_llm.text.merged import encode_prompt
 from rar_llm.vocab import VocabLayout
 
@@ -63,6 +62,22 @@ def _fit_context(model: GPT, need: int) -> None:
         model.max_seq_length = need
 
 
+@contextlib.contextmanager
+def callers_state(model: GPT) -> Iterator[None]:
+    """Put back the KV caches, the mask cache, ``max_seq_length`` and the RoPE cache the caller had."""
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    mask, length, rope = model.mask_cache, model.max_seq_length, (model.cos, model.sin)
+    try:
+        yield
+    finally:
+        for block, cache in zip(model.transformer.h, caches):
+            block.attn.kv_cache = cache
+        model.mask_cache = mask
+        if model.max_seq_length != length:
+            model.max_seq_length = length
+        model.cos, model.sin = rope
+
+
 def chunk_size(model: GPT, rows_per_image: int, need: int, batch_size: int | None) -> int:
     """Images per forward batch: ``batch_size``, or as many as keep the KV cache within ``CACHE_BUDGET``."""
     if batch_size is not None:
@@ -74,12 +89,83 @@ def chunk_size(model: GPT, rows_per_image: int, need: int, batch_size: int | Non
     return max(1, CACHE_BUDGET // per_image)
 
 
+# ---- the decoding loop: stream setup, one forward, one step ------------------------------------------
+@dataclass
+class Stream:
+    """Branches whose conditions have the same length: one batch and one KV cache."""
+
+    length: int  # condition tokens
+    branches: list[int]  # which of ``prefixes`` its rows hold, in batch order
+    seq: torch.Tensor  # (rows, length + 2 n): the conditions, then ``pos, code`` of each cell in feeding order
+    start: int = 0  # first slot not in the KV cache yet
+    cache: list | None = None  # the blocks' KV caches of this stream
+
+
+def make_streams(prefixes: Sequence[torch.Tensor], body: torch.Tensor, device: torch.device) -> list[Stream]:
+    """Group the branches by condition length (the class case ``[cond; null]`` is one stream)."""
+    groups: dict[int, list[int]] = {}
+    for b, prefix in enumerate(prefixes):
+        groups.setdefault(prefix.shape[1], []).append(b)
+    return [
+        Stream(length, branches, torch.cat((torch.cat([prefixes[b].cpu() for b in branches]),
+                                            body.repeat(len(branches), 1)), 1).to(device))
+        for length, branches in groups.items()
+    ]
+
+
+def forward_step(model: GPT, s: Stream, done: int, k: int, kv_cache: bool) -> torch.Tensor:
+    """Logits ``(rows, k, V)`` of the stream's next ``k`` queries, ``done`` cells into the order.
+
+    On the KV cache it feeds only what the cache lacks: the first call is the prefill (conditions and
+    known cells), later ones the codes accepted last step re-interleaved with their queries.
+    """
+    seq, p = s.seq, s.length + 2 * done  # p: slot of this step's first query
+    queries = seq[:, p : p + 2 * k : 2]
+    if kv_cache:
+        for block, c in zip(model.transformer.h, s.cache):
+            block.attn.kv_cache = c
+        idx = torch.cat((seq[:, s.start : p], queries), dim=1)
+        out = model(idx, input_pos=torch.arange(s.start, p + k, device=seq.device), input_pos_maxp1=p + k)
+    else:
+        out = model(torch.cat((seq[:, :p], queries), dim=1))
+    s.start = p + 1
+    return out[:, -k:]
+
+
+def decode_step(
+    model: GPT,
+    layout: VocabLayout,
+    streams: list[Stream],
+    settings: SamplingSettings,
+    done: int,
+    k: int,
+    scale: float | None,
+    kv_cache: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One step: each branch's code logits, guidance ``u + scale (c - u)`` (None: unguided), ``(B, k)`` codes.
+
+    The codes are written into every stream, so the next step feeds them.
+    """
+    codes = slice(layout.code_offset, layout.class_offset)
+    logits: dict[int, torch.Tensor] = {}
+    for s in streams:
+        out = forward_step(model, s, done, k, kv_cache)[..., codes].float()
+        logits.update(zip(s.branches, out.chunk(len(s.branches))))
+    mixed = logits[0] if scale is None else logits[1] + scale * (logits[0] - logits[1])
+    new = sample_codes(mixed, settings.temperature, settings.top_k, settings.top_p, generator)
+    for s in streams:
+        p = s.length + 2 * done
+        s.seq[:, p + 1 : p + 2 * k : 2] = (layout.code_offset + new).repeat(len(s.branches), 1)
+    return new
+
+
 @torch.inference_mode()
 def decode_grids(
     model: GPT,
     layout: VocabLayout,
     prefixes: Sequence[torch.Tensor],
-    settings: Settings,
+    settings: SamplingSettings,
     known: torch.Tensor | None = None,
     known_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -90,10 +176,9 @@ def decode_grids(
     """The one decoding loop: ``(B, H, W)`` codes after the conditions ``prefixes``.
 
     ``prefixes``: the conditional branch ``(B, P)`` and, when guided, the unconditional one ``(B, P')``.
+    The model's KV caches, mask cache and context length are put back as the caller had them.
     """
-    B = prefixes[0].shape[0]
-    device = model.lm_head.weight.device
-    n = layout.num_positions
+    B, n = prefixes[0].shape[0], layout.num_positions
     known_grid, known_mask = known_cells(known, known_mask, B, layout)
     perm = known_first(cell_orders(settings.order, B, layout, generator), known_mask)
     n_known = int(known_mask[0].sum())
@@ -105,64 +190,25 @@ def decode_grids(
     body = torch.empty(B, 2 * n, dtype=torch.long)
     body[:, 0::2] = layout.pos_offset + perm
     body[:, 1::2] = layout.code_offset + ordered
-
-    # branches of equal condition length share one batch (and cache); each stream: [rows, length, branches]
-    streams: list[dict] = []
-    for b, prefix in enumerate(prefixes):
-        s = next((s for s in streams if s["length"] == prefix.shape[1]), None)
-        if s is None:
-            s = {"length": prefix.shape[1], "prefix": [], "branches": [], "start": 0, "cache": None}
-            streams.append(s)
-        s["prefix"].append(prefix.cpu())
-        s["branches"].append(b)
-    for s in streams:
-        s["seq"] = torch.cat((torch.cat(s["prefix"]), body.repeat(len(s["branches"]), 1)), 1).to(device)
-    need = max(s["seq"].shape[1] for s in streams)
-    _fit_context(model, need)
-    codes = slice(layout.code_offset, layout.class_offset)
-
-    saved = [block.attn.kv_cache for block in model.transformer.h], model.mask_cache
-    try:
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    streams = make_streams(prefixes, body, device)
+    need = max(s.seq.shape[1] for s in streams)
+    rows = sum(s.seq.shape[0] for s in streams)
+    with callers_state(model), prepacked(model, batch_hint=2 * rows) if prepack else contextlib.nullcontext():
+        _fit_context(model, need)
         if kv_cache:
             for s in streams:
-                model.set_kv_cache(s["seq"].shape[0], max_seq_length=need, device=device,
-                                   dtype=model.lm_head.weight.dtype)
-                s["cache"] = [block.attn.kv_cache for block in model.transformer.h]
-        rows = sum(s["seq"].shape[0] for s in streams)
-        with prepacked(model, batch_hint=2 * rows) if prepack else contextlib.nullcontext():
-            done = n_known
-            for k in counts:
-                logits: list[torch.Tensor | None] = [None] * len(prefixes)
-                for s in streams:
-                    seq, p = s["seq"], s["length"] + 2 * done  # p: slot of this step's first query
-                    queries = seq[:, p : p + 2 * k : 2]
-                    if kv_cache:
-                        for block, c in zip(model.transformer.h, s["cache"]):
-                            block.attn.kv_cache = c
-                        idx = torch.cat((seq[:, s["start"] : p], queries), dim=1)
-                        out = model(idx, input_pos=torch.arange(s["start"], p + k, device=device), input_pos_maxp1=p + k)
-                    else:
-                        out = model(torch.cat((seq[:, :p], queries), dim=1))
-                    s["start"] = p + 1
-                    for b, part in zip(s["branches"], out[:, -k:, codes].float().chunk(len(s["branches"]))):
-                        logits[b] = part
-                mixed = logits[0]
-                if settings.guided:
-                    g = guidance_scale(settings.guidance, done - n_known, n_gen, settings.schedule, settings.power)
-                    mixed = logits[1] + g * (logits[0] - logits[1])
-                new = sample_codes(mixed, settings.temperature, settings.top_k, settings.top_p, generator)
-                ordered[:, done : done + k] = new.cpu()
-                for s in streams:
-                    p = s["length"] + 2 * done
-                    s["seq"][:, p + 1 : p + 2 * k : 2] = (layout.code_offset + new).repeat(len(s["branches"]), 1)
-                done += k
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        for block, cache in zip(model.transformer.h, saved[0]):
-            block.attn.kv_cache = cache
-        model.mask_cache = saved[1]
-
+                model.set_kv_cache(s.seq.shape[0], max_seq_length=need, device=device, dtype=dtype)
+                s.cache = [block.attn.kv_cache for block in model.transformer.h]
+        done = n_known
+        for k in counts:
+            scale = guidance_scale(settings.guidance, done - n_known, n_gen, settings.schedule, settings.power)
+            new = decode_step(model, layout, streams, settings, done, k, scale if settings.guided else None,
+                              kv_cache, generator)
+            ordered[:, done : done + k] = new.cpu()
+            done += k
+            if bar is not None:
+                bar.update(1)
     grid = torch.empty(B, n, dtype=torch.long).scatter_(1, perm, ordered)
     return grid.view(B, layout.height, layout.width)
 
@@ -171,7 +217,7 @@ def _chunked(
     model: GPT,
     layout: VocabLayout,
     prefixes: Sequence[torch.Tensor],
-    settings: Settings,
+    settings: SamplingSettings,
     known,
     known_mask,
     seed: int | torch.Generator | None,
@@ -193,7 +239,7 @@ def _chunked(
           tqdm(total=per_chunk * -(-B // size), desc="generate", unit="step", disable=not progress, leave=False) as bar):
         for lo in range(0, B, size):
             hi = min(B, lo + size)
-            part = Settings(**{**settings.__dict__, "order": _rows(settings.order, lo, hi, B)})
+            part = replace(settings, order=_rows(settings.order, lo, hi, B))
             out.append(decode_grids(
                 model, layout, [p[lo:hi] for p in prefixes], part, grid[lo:hi].view(-1, H, W),
                 mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar,
@@ -216,21 +262,15 @@ def generate(
     prompt: str | Sequence[int] | None = None,
     num_samples: int = 1,
     layout: VocabLayout | str | Path | None = None,
-    guidance: float = 1.0,
-    schedule: Schedule = "constant",
-    power: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    order: OrderName | Sequence[int] | torch.Tensor = "raster",
+    settings: SamplingSettings | None = None,
     known: torch.Tensor | None = None,
     known_mask: torch.Tensor | None = None,
-    steps: int | None = None,
     seed: int | torch.Generator | None = None,
     batch_size: int | None = None,
     kv_cache: bool = True,
     prepack: bool = True,
     progress: bool = False,
+    **fields,
 ) -> torch.Tensor:
     """Sample code grids for class ids or a text prompt; returns ``(B, H, W)`` long codes in ``0..K-1``.
 
@@ -243,29 +283,23 @@ def generate(
         num_samples: samples per class id, or of the prompt.
         layout: the vocabulary layout (or a checkpoint folder / layout file / name) for a GPT that
             carries none.
-        guidance: classifier-free guidance scale ``w`` (1: none, no unconditional branch runs).
-            ``**RAR_PRESETS["rar-b"]`` gives RAR's guidance, schedule, power and temperature.
-        schedule: ``constant``, ``linear`` (RandAR) or ``power_cosine`` (RAR, with ``power``).
-        power: exponent of the power-cosine schedule (0: constant ``w``).
-        temperature, top_k, top_p: applied to the guided logits over the codebook only.
-        order: ``raster``, ``random`` (one permutation per sample), a named scan (``scan_order``), or
-            a permutation of the raster cell indices, ``(H*W,)`` or ``(B, H*W)``.
+        settings: how to sample (``SamplingSettings``: guidance, schedule, power, temperature, top_k,
+            top_p, order, steps); ``RAR_PRESETS["rar-b"]`` is RAR-B's. Default: ``SamplingSettings()``.
         known, known_mask: a code grid and a boolean mask of its given cells, ``(H, W)`` or
-            ``(B, H, W)`` (inpainting / outpainting). Given cells are fed first, in ``order``, and
+            ``(B, H, W)`` (inpainting / outpainting). Given cells are fed first, in the order, and
             come back unchanged; only the others are sampled.
-        steps: forward passes for the cells to generate (default: one per cell); fewer decodes
-            several cells per step on RandAR's cosine schedule.
         seed: an int or a ``torch.Generator`` (on the model's device) for reproducible samples.
         batch_size: images per forward batch; default: as many as keep the KV cache under 1 GiB
             (``CACHE_BUDGET``), so 10,000 images run in chunks rather than out of memory.
         kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
         prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.sampling.prepack``).
         progress: show a tqdm bar over the steps.
+        fields: ``SamplingSettings`` fields that override ``settings``: ``generate(model, 3, guidance=2.0)``.
 
-    The model's KV cache (and mask cache) are put back as the caller had them.
+    The model's KV cache, mask cache and context length are put back as the caller had them.
     """
+    settings = resolve(settings, fields, "generate")
     layout = model_layout(model, layout)
-    settings = Settings(guidance, schedule, power, temperature, top_k, top_p, order, steps)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
     if (class_id is None) == (prompt is None):

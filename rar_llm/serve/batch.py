@@ -1,9 +1,9 @@
-"""Offline batch generation on upstream vLLM: ``vllm_generate(llm, class_ids, **settings)``.
+"""Offline batch generation on upstream vLLM: ``vllm_generate(llm, class_ids, settings=..., **fields)``.
 
 ``make_llm`` builds an in-process ``vllm.LLM`` with ``rar_llm.serve.plugin``'s logits processor and
 pairing scheduler; ``vllm_generate`` turns ``rar_llm.generate``'s settings into one request per branch
-of each image and the outputs back into code grids. Imports only vLLM, torch and the torch-only parts
-of rar_llm.
+of each image (``rar_llm.sampling.settings.to_extra_args``) and the outputs back into code grids.
+Imports only vLLM, torch and the torch-only parts of rar_llm.
 """
 
 from __future__ import annotations
@@ -11,32 +11,24 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from vllm import SamplingParams
 
-from rar_llm.sampling.decoding import Settings, cell_orders, class_ids, known_cells, known_first
-from rar_llm.serve.plugin import RARLogitsProcessor, RARScheduler, Spec
+from rar_llm.sampling.decoding import cell_orders, class_ids, known_cells, known_first
+from rar_llm.sampling.settings import KEY, SamplingSettings, resolve, to_extra_args
+from rar_llm.serve import UnpairedGuidanceError
+from rar_llm.serve.plugin import RARLogitsProcessor, RARScheduler
 from rar_llm.vocab import VocabLayout
 
-
-def request_params(
-    spec: Spec, layout: VocabLayout, logprobs: bool = False
-) -> SamplingParams:
-    """vLLM ``SamplingParams`` of one branch (the same for both branches of a pair)."""
-    extra = {
-        "rar_order": list(spec.order), "rar_guidance": spec.guidance, "rar_schedule": spec.schedule,
-        "rar_power": spec.power, "rar_temperature": spec.temperature, "rar_top_p": spec.top_p,
-        "rar_seed": spec.seed,
-    }
-    if spec.top_k is not None:
-        extra["rar_top_k"] = spec.top_k
-    if spec.pair is not None:
-        extra["rar_pair"] = spec.pair
+def request_params(extra_args: dict, layout: VocabLayout, logprobs: bool = False) -> SamplingParams:
+    """vLLM ``SamplingParams`` of one branch (the same for both branches of a pair), from ``to_extra_args``."""
+    n = len(extra_args[KEY["order"]])
     return SamplingParams(
-        temperature=0.0, max_tokens=2 * spec.n - 1, stop_token_ids=[layout.eoi], detokenize=False,
-        logprobs=0 if logprobs else None, extra_args=extra,
+        temperature=0.0, max_tokens=2 * n - 1, stop_token_ids=[layout.eoi], detokenize=False,
+        logprobs=0 if logprobs else None, extra_args=extra_args,
     )
 
 
@@ -85,19 +77,16 @@ def engine_capacity(llm) -> tuple[int, bool]:
     return cfg.max_num_seqs, pairs
 
 
-class UnpairedGuidanceError(RuntimeError):
-    """The two branches of a guided image did not run in lockstep; the image was not produced."""
-
-
 def build_requests(
     layout: VocabLayout,
     classes: torch.Tensor,
-    settings: Settings,
+    settings: SamplingSettings,
     known,
     known_mask,
     seed: int | torch.Generator | None,
 ):
-    """Prompts, specs and full orders for a batch (the orders and seeds follow ``rar_llm.generate``'s generator)."""
+    """Prompts, ``extra_args`` per image and full orders for a batch (the orders and seeds follow
+    ``rar_llm.generate``'s generator)."""
     B, n = classes.numel(), layout.num_positions
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(
         int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
@@ -108,25 +97,26 @@ def build_requests(
         raise ValueError("known_mask marks every cell as given: there is nothing to generate")
     seeds = torch.randint(2**62, (B,), generator=gen).tolist()
     call = uuid.uuid4().hex[:12]
-    prompts, specs = [], []
+    prompts, extras = [], []
     for b in range(B):
         ctx = []
         for cell in perm[b, :n_known].tolist():
             ctx += [layout.pos_offset + cell, layout.code_offset + int(grid[b, cell])]
         gen_order = perm[b, n_known:].tolist()
-        fields = {**settings.__dict__, "order": tuple(gen_order)}
-        specs.append(Spec(**fields, seed=seeds[b], pair=f"{call}-{b}" if settings.guided else None))
+        pair = f"{call}-{b}" if settings.guided else None
+        extras.append(to_extra_args(replace(settings, order=gen_order), seeds[b], pair))
         tail = ctx + [layout.pos_offset + gen_order[0]]
         prompts.append([int(layout.class_token(int(classes[b])))] + tail)
         if settings.guided:
             prompts.append([layout.null_class] + tail)
-    return prompts, specs, perm, grid, n_known
+    return prompts, extras, perm, grid, n_known
 
 
 def vllm_generate(
     llm,
     class_id: int | Sequence[int] | torch.Tensor,
     *,
+    settings: SamplingSettings | None = None,
     layout: VocabLayout | str | Path | None = None,
     known: torch.Tensor | None = None,
     known_mask: torch.Tensor | None = None,
@@ -134,14 +124,15 @@ def vllm_generate(
     batch_size: int | None = None,
     return_details: bool = False,
     use_tqdm: bool = False,
-    **settings,
+    **fields,
 ):
     """``rar_llm.generate``'s settings on a ``vllm.LLM`` (``make_llm``); returns ``(B, H, W)`` codes.
 
     Greedy results equal ``rar_llm.generate``'s (same orders for the same ``seed``); sampled codes come
     from per-image generators (``rar_seed``), so they differ from ``rar_llm.generate``'s draws but not
-    in distribution. ``settings`` are ``rar_llm.generate``'s (guidance, schedule, power, temperature,
-    top_k, top_p, order); ``steps`` (parallel decoding) is not supported: vLLM adds one token per step.
+    in distribution. ``settings`` and ``fields`` as in ``rar_llm.generate`` (``SamplingSettings``, its
+    fields as keywords overriding it); ``steps`` (parallel decoding) is not supported: vLLM adds one
+    token per step.
 
     Pairing rule: each call queues every request at once; with ``RARScheduler`` (``make_llm``) guided
     pairs are admitted whole, so any batch size works. Without it the batch is cut into chunks of
@@ -150,9 +141,7 @@ def vllm_generate(
     ``return_details``: also return ``{"order": (B, n) cells in decoding order, "tokens": (B, L)
     conditional sequences, "logprobs": (B, n_generated) model log-probabilities of the drawn codes}``.
     """
-    settings = Settings(**settings)
-    if settings.steps is not None:
-        raise ValueError("steps (parallel decoding) is not supported on vLLM: it decodes one cell per step")
+    settings = resolve(settings, fields, "vllm_generate")
     model_dir = llm.llm_engine.vllm_config.model_config.model
     layout = VocabLayout.from_checkpoint(model_dir) if layout is None else (
         layout if isinstance(layout, VocabLayout) else VocabLayout.from_checkpoint(layout))
@@ -160,38 +149,19 @@ def vllm_generate(
     if classes.numel() == 0:
         raise ValueError("no class ids given")
     layout.class_tokens(classes)  # checks the ids
-    prompts, specs, perm, grid, n_known = build_requests(layout, classes, settings, known, known_mask, seed)
+    prompts, extras, perm, grid, n_known = build_requests(layout, classes, settings, known, known_mask, seed)
     rows = 2 if settings.guided else 1
     capacity, pairs = engine_capacity(llm)
     if batch_size is None:
-        batch_size = len(specs) if pairs else max(1, capacity // rows)
-    B, n = len(specs), layout.num_positions
-    tokens = torch.zeros(B, 1 + 2 * n, dtype=torch.long)
-    logprobs = torch.full((B, n - n_known), float("nan"))
-    failed = []
-    for lo in range(0, B, batch_size):
-        hi = min(B, lo + batch_size)
-        params = [request_params(s, layout, return_details) for s in specs[lo:hi] for _ in range(rows)]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[lo * rows : hi * rows]], params,
-                            use_tqdm=use_tqdm)
-        for j, b in enumerate(range(lo, hi)):
-            mine = outs[j * rows : (j + 1) * rows]
-            toks = [list(o.outputs[0].token_ids) for o in mine]
-            want = 2 * specs[b].n - 1
-            if any(len(t) != want for t in toks) or any(t != toks[0] for t in toks):
-                failed.append(b)
-                continue
-            seq = prompts[b * rows] + toks[0]
-            tokens[b] = torch.tensor(seq)
-            if return_details:
-                lps = mine[0].outputs[0].logprobs
-                logprobs[b] = torch.tensor([lps[k][seq[len(prompts[b * rows]) + k]].logprob for k in range(0, want, 2)])
+        batch_size = len(extras) if pairs else max(1, capacity // rows)
+    B, n = len(extras), layout.num_positions
+    tokens, logprobs, failed = run_requests(llm, layout, prompts, extras, rows, batch_size, return_details, use_tqdm)
     if failed:
         raise UnpairedGuidanceError(
             f"{len(failed)} of {B} images did not get their {2 * (n - n_known) - 1} tokens in lockstep "
             f"(images {failed[:10]}): the conditional and <class_null> requests of an image ran in different "
             "engine steps (or a request was preempted), so guidance could not be applied. Build the engine "
-            "with rar_llm.serve.plugin.make_llm (RARScheduler), or keep 2 x batch <= max_num_seqs with the "
+            "with rar_llm.serve.batch.make_llm (RARScheduler), or keep 2 x batch <= max_num_seqs with the "
             "engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and enough KV cache"
         )
     ordered = tokens[:, 2::2] - layout.code_offset  # codes in decoding order (known ones included)
@@ -200,3 +170,34 @@ def vllm_generate(
     if return_details:
         return codes, {"order": perm, "tokens": tokens, "logprobs": logprobs}
     return codes
+
+
+def run_requests(llm, layout: VocabLayout, prompts: list[list[int]], extras: list[dict], rows: int,
+                 batch_size: int, logprobs: bool, use_tqdm: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Run the ``rows`` requests of each image, ``batch_size`` images per ``llm.generate``.
+
+    Returns the conditional sequences ``(B, 1 + 2n)``, the drawn codes' log-probabilities (with
+    ``logprobs``, else NaN) and the images whose branches did not get their tokens in lockstep.
+    """
+    B, n = len(extras), layout.num_positions
+    want = 2 * len(extras[0][KEY["order"]]) - 1
+    tokens = torch.zeros(B, 1 + 2 * n, dtype=torch.long)
+    lp = torch.full((B, (want + 1) // 2), float("nan"))
+    failed = []
+    for lo in range(0, B, batch_size):
+        hi = min(B, lo + batch_size)
+        params = [request_params(e, layout, logprobs) for e in extras[lo:hi] for _ in range(rows)]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[lo * rows : hi * rows]], params,
+                            use_tqdm=use_tqdm)
+        for j, b in enumerate(range(lo, hi)):
+            mine = outs[j * rows : (j + 1) * rows]
+            toks = [list(o.outputs[0].token_ids) for o in mine]
+            if any(len(t) != want for t in toks) or any(t != toks[0] for t in toks):
+                failed.append(b)
+                continue
+            seq = prompts[b * rows] + toks[0]
+            tokens[b] = torch.tensor(seq)
+            if logprobs:
+                lps = mine[0].outputs[0].logprobs
+                lp[b] = torch.tensor([lps[k][seq[len(prompts[b * rows]) + k]].logprob for k in range(0, want, 2)])
+    return tokens, lp, failed

@@ -8,32 +8,36 @@ Server (see the README, "Serving with vLLM")::
 Client::
 
     python -m rar_llm.serve.client --url http://localhost:8000 --class_id 3 --out three.png --guidance 2
-    python rar_llm/vllm_client.py ...      # the same file alone, where rar_llm (and torch) is not installed
+    PYTHONPATH=path/to/rar-llm python -m rar_llm.serve.client ...   # without installing rar_llm or torch
 
 Each image is one ``/v1/completions`` request (two with guidance: the class and ``<class_null>``, sent
-together with a shared ``rar_pair`` key); the settings travel in ``vllm_xargs``. The server's
+together with a shared ``rar_pair`` key); the settings travel in ``vllm_xargs``, written by
+``rar_llm.sampling.settings.to_extra_args``, the one conversion the server's plugin reads back. The server's
 ``RARScheduler`` admits the two requests of a pair together; if they still lose lockstep (a server
 without it, or preemption), the plugin ends both with ``<eoi>`` and this client raises: an image is
 never returned unguided. Codes are drawn as grey levels (code k of K is k/(K-1)), right for the pixel
 codebooks (the digits); a VQ codebook needs its decoder, so ``--codes_out`` saves the codes too.
+Needs numpy, PIL and the rar_llm package's files, not torch (``rar_llm.sampling.settings`` and
+``rar_llm.serve`` import only the standard library).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-class UnpairedGuidanceError(RuntimeError):
-    """The two requests of a guided image did not run in lockstep on the server."""
+from rar_llm.sampling.settings import VLLM_FIELDS, SamplingSettings, resolve, to_extra_args
+from rar_llm.serve import UnpairedGuidanceError
 
 
 # ---- the layout, without torch -------------------------------------------------------------------
@@ -113,34 +117,30 @@ def _orders(order, batch: int, layout: Layout, rng: np.random.Generator) -> np.n
 
 
 def generate(
-    url: str, class_ids: list[int], layout: Layout, model: str, *, order="raster", seed: int | None = None,
-    timeout: float = 600, workers: int = 64, **settings,
+    url: str, class_ids: list[int], layout: Layout, model: str, *, settings: SamplingSettings | None = None,
+    seed: int | None = None, timeout: float = 600, workers: int = 64, **fields,
 ) -> np.ndarray:
     """``(B, H, W)`` codes for ``class_ids`` from the server; raises ``UnpairedGuidanceError`` if a pair split.
 
-    ``settings``: ``rar_llm.generate``'s guidance, schedule, power, temperature, top_k, top_p; sent as
-    ``rar_<name>`` and checked by the server's processor (a bad value comes back as HTTP 400).
+    ``settings`` and ``fields`` as in ``rar_llm.generate`` (``SamplingSettings``, its fields as keywords
+    overriding it), checked here and again by the server's processor (HTTP 400). The client draws the
+    ``raster`` and ``random`` orders; other scans are passed as a permutation. ``steps`` is refused:
+    vLLM decodes one cell per step.
     """
-    unknown = set(settings) - {"guidance", "schedule", "power", "temperature", "top_k", "top_p"}
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; use guidance, schedule, power, temperature, top_k, top_p")
-    guidance = float(settings.get("guidance", 1.0))
+    settings = resolve(settings, fields, "generate")
     for c in class_ids:
         if not 0 <= c < layout.num_classes:
             raise ValueError(f"class id {c} is outside 0..{layout.num_classes - 1}")
     rng = np.random.default_rng(seed)
-    perm = _orders(order, len(class_ids), layout, rng)
+    perm = _orders(settings.order, len(class_ids), layout, rng)
     seeds = rng.integers(0, 2**62, len(class_ids))
     call = uuid.uuid4().hex[:12]
     n = layout.num_positions
     jobs = []
     for b, c in enumerate(class_ids):
-        xargs = {"rar_order": perm[b].tolist(), "rar_seed": int(seeds[b])}
-        xargs |= {f"rar_{k}": v for k, v in settings.items() if v is not None}
-        heads = [layout.class_offset + c]
-        if guidance != 1.0:
-            xargs["rar_pair"] = f"{call}-{b}"
-            heads.append(layout.null_class)
+        pair = f"{call}-{b}" if settings.guided else None
+        xargs = to_extra_args(replace(settings, order=perm[b].tolist()), int(seeds[b]), pair)
+        heads = [layout.class_offset + c] + ([layout.null_class] if settings.guided else [])
         for head in heads:
             jobs.append((b, {
                 "model": model, "prompt": [head, layout.pos_offset + int(perm[b, 0])], "max_tokens": 2 * n - 1,
@@ -182,6 +182,19 @@ def to_png(codes: np.ndarray, layout: Layout, path: str | Path, rows: int = 1, s
     Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def add_sampling_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--guidance``, ``--schedule``, ...: one flag per ``SamplingSettings`` field a vLLM request carries."""
+    hints, defaults = typing.get_type_hints(SamplingSettings), SamplingSettings()
+    for name in VLLM_FIELDS:
+        if name == "order":  # a name or a JSON list: parsed in main
+            ap.add_argument("--order", default="raster", help="raster, random or a JSON list (a permutation of the cells)")
+            continue
+        hint = hints[name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        kind = str if choices else next(t for t in (typing.get_args(hint) or (hint,)) if t is not type(None))
+        ap.add_argument(f"--{name}", type=kind, choices=choices, default=getattr(defaults, name))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://localhost:8000")
@@ -191,16 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--codes_out", default=None, help="also save the codes as .npy")
     ap.add_argument("--layout", default=None, help="export folder or layout JSON (default: the served model's folder)")
     ap.add_argument("--model", default=None, help="served model name (default: the first the server lists)")
-    ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "linear", "power_cosine"])
-    ap.add_argument("--power", type=float, default=0.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=None)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--order", default="raster", help="raster, random or a JSON list (a permutation of the cells)")
+    add_sampling_arguments(ap)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)
+    order = json.loads(args.order) if args.order.strip().startswith("[") else args.order
+    try:
+        settings = SamplingSettings(**{k: getattr(args, k) for k in VLLM_FIELDS if k != "order"}, order=order)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
     info = served_model(args.url)
     model = args.model or info["id"]
@@ -210,12 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     layout = Layout.load(layout_src)
     check_layout(args.url, model, layout)
     classes = [int(c) for c in str(args.class_id).split(",") for _ in range(args.num_per_class)]
-    order = json.loads(args.order) if args.order.strip().startswith("[") else args.order
     try:
-        codes = generate(args.url, classes, layout, model, order=order, seed=args.seed, timeout=args.timeout,
-                         guidance=args.guidance, schedule=args.schedule, power=args.power,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    except UnpairedGuidanceError as err:
+        codes = generate(args.url, classes, layout, model, settings=settings, seed=args.seed, timeout=args.timeout)
+    except (UnpairedGuidanceError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     rows = len(set(classes)) if args.num_per_class > 1 else 1
     to_png(codes, layout, args.out, rows=rows)

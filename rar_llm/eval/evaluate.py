@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from litgpt.model import GPT
-from torch import nn
 
 from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, to_pixels
+from rar_llm.eval.classifier import Classifier, CNNClassifier, fit_classifier
 from rar_llm.eval.inception import inception_metrics, load_images, to_uint8
 from rar_llm.eval.metrics import copies, frechet_distance, nearest_distance, precision_recall
 from rar_llm.permute import IGNORE_INDEX, interleave
@@ -30,80 +30,6 @@ from rar_llm.data.shards import Shards, read_meta
 from rar_llm.vocab import VocabLayout
 
 NLL_ORDERS = ("raster", "random")
-
-
-# ---- feature classifier ----------------------------------------------------------------------------
-class Classifier(nn.Module):
-    """An MLP on pixels; its penultimate layer is the feature space of the Fréchet distance."""
-
-    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, int] = (256, 128)) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.body = nn.Sequential(
-            nn.Linear(in_features, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU()
-        )
-        self.head = nn.Linear(hidden[1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-    def _inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(images, dtype=np.float32)).flatten(1)
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"the classifier was fitted on images of {self.in_features} values, got {tuple(images.shape)}; "
-                "pass images of the data it was fitted on"
-            )
-        return x
-
-    @torch.inference_mode()
-    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(N, ...)`` float images -> ``(N, hidden[1])`` float64 penultimate activations."""
-        return self.body(self._inputs(images)).double().numpy()
-
-    @torch.inference_mode()
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(N, ...)`` float images -> ``(N,)`` class ids."""
-        return self(self._inputs(images)).argmax(1).numpy()
-
-
-def fit_classifier(
-    train_images: np.ndarray | torch.Tensor,
-    labels: np.ndarray,
-    seed: int = 0,
-    num_classes: int | None = None,
-    epochs: int = 30,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-) -> Classifier:
-    """Train the feature MLP on real images ``(N, ...)`` in [0, 1]; the same seed gives the same network.
-
-    The global torch RNG is left as it was, so evaluating mid-training does not change the run. It
-    trains on one thread: the matrices are so small that a second thread costs more than it gives
-    (25 s instead of 1 s on 2 busy cores), and the result no longer depends on the thread count.
-    """
-    x = torch.as_tensor(np.asarray(train_images, dtype=np.float32)).flatten(1)
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"need at least 2 training images with one label each, got {len(x)} images, {len(y)} labels")
-    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            clf = Classifier(x.shape[1], num_classes)
-            opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
-            order = torch.Generator().manual_seed(seed)
-            for _ in range(epochs):
-                for idx in torch.randperm(len(x), generator=order).split(batch_size):
-                    loss = F.cross_entropy(clf(x[idx]), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return clf.eval()
 
 
 # ---- held-out likelihood ------------------------------------------------------------------------------
@@ -166,6 +92,18 @@ def data_layout(data_dir: Path, layout: VocabLayout | None) -> VocabLayout:
         return VocabLayout.from_meta(meta)
     layout.check_meta(meta, where=f"{Path(data_dir) / 'meta.json'}")
     return layout
+
+
+def check_classifier(classifier, layout: VocabLayout, tokenizer: CodeDecoder | None, name: str = "the classifier") -> None:
+    """Raise unless a feature network of a fixed image size (the CNN) takes the images the codes decode to."""
+    side = getattr(classifier, "image_size", None)
+    if side is None:
+        return
+    pixels = tuple(getattr(tokenizer, "image_size", (layout.height, layout.width)))
+    channels = getattr(tokenizer, "channels", 1)
+    if (channels, *pixels) != (1, side, side):
+        raise ValueError(f"{name} takes grey {side}x{side} images but the codes decode to {channels}x"
+                         f"{'x'.join(map(str, pixels))}; give the classifier trained on this data's images")
 
 
 def nll_metrics(model: GPT, val: Shards, layout: VocabLayout, seed: int) -> dict:
@@ -254,6 +192,7 @@ def evaluate(
     data_dir = Path(data_dir)
     layout = data_layout(data_dir, layout if layout is not None or model is None else getattr(model, "layout", None))
     check_drawable(layout, tokenizer)
+    check_classifier(classifier, layout, tokenizer)
     codes = np.asarray(samples_codes).astype(np.int64)
     classes = np.asarray(sample_classes).astype(np.int64).reshape(-1)
     if codes.ndim != 3 or codes.shape[1:] != (layout.height, layout.width) or len(codes) != len(classes):
@@ -349,26 +288,25 @@ def evaluate_cli(
     if inception_weights is not None and reference is None:
         raise ValueError("--inception_weights needs --reference: real uint8 images (.npy, or ADM's .npz with arr_0)")
     codes = _load_npy(codes_npy)
+    layout = data_layout(Path(data_dir), VocabLayout.from_checkpoint(checkpoint_dir) if checkpoint_dir else None)
+    tok_arg, clf_arg = tokenizer, classifier
     if tokenizer is not None:
         from rar_llm.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    model, layout = None, None
-    if checkpoint_dir is not None:
+    check_drawable(layout, tokenizer, f"--tokenizer {tok_arg}")
+    if classifier is not None:
+        classifier = CNNClassifier.load(classifier)
+        check_classifier(classifier, layout, tokenizer, f"--classifier {clf_arg}")
+    model = None
+    if checkpoint_dir is not None:  # every file checked: now the weights
         from rar_llm.checkpoint import load_model
 
         model = load_model(checkpoint_dir, device, torch.float32)  # likelihoods in float32
-        layout = model.layout
 
     if inception_weights is None:
-        if classifier is not None:
-            from rar_llm.eval.classifier import CNNClassifier
-
-            classifier = CNNClassifier.load(classifier)
         metrics = evaluate(codes, _load_npy(labels_npy), data_dir, model, layout, seed, tokenizer, classifier)
     else:
-        layout = data_layout(Path(data_dir), layout)
-        check_drawable(layout, tokenizer)
         decoder = tokenizer.to(device) if tokenizer is not None else None
         images = np.concatenate([
             to_uint8(to_pixels(c.to(device), layout, decoder))

@@ -20,12 +20,19 @@ class CodeDecoder(Protocol):
         """``(B, h, w)`` codes -> ``(B, C, H, W)`` floats in [0, 1]."""
 
 
-def check_drawable(layout: VocabLayout, tokenizer: CodeDecoder | None = None) -> None:
-    """Raise before sampling if the codes could not be turned into pixels."""
+def check_drawable(layout: VocabLayout, tokenizer: CodeDecoder | None = None, name: str = "the tokenizer") -> None:
+    """Raise before sampling if the codes could not be turned into pixels: no tokenizer for a codebook other
+    than the digits' greys, or a tokenizer of another codebook or grid than the layout's (``name`` it)."""
     if tokenizer is None and layout.codebook_size != DIGITS_LEVELS:
         raise ValueError(
             f"no image tokenizer given and the codebook has {layout.codebook_size} codes, not the digits' "
             f"{DIGITS_LEVELS} grey levels; pass the tokenizer the data was made with (e.g. tokenizer='maskgit-vqgan')"
+        )
+    size, grid = getattr(tokenizer, "codebook_size", None), getattr(tokenizer, "grid", None)
+    if size is not None and (size, tuple(grid or ())) != (layout.codebook_size, (layout.height, layout.width)):
+        raise ValueError(
+            f"{name} has {size} codes on a {'x'.join(map(str, grid or ()))} grid but the model's layout has "
+            f"{layout.codebook_size} codes on {layout.height}x{layout.width}; give the tokenizer the data was made with"
         )
 
 

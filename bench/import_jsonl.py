@@ -1,21 +1,19 @@
-"""Throughput of ``rar-llm import-jsonl`` on a synthetic file of RAR's shape, against the old parser.
+"""Throughput of ``rar-llm import-jsonl`` on a synthetic file of RAR's shape, against the old json loop.
 
 RAR's released ``maskgitvq.jsonl`` has 12.8M lines ``{"class_id": int, "tokens": [256 ints < 1024]}``
-as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then times, in this process:
+as Python's ``json.dump`` writes them. This writes ``lines`` such lines, then times, round after round:
 
-- ``old``: the import as it was before the fast parser: ``json.loads`` and per-line checks of every
+- ``old``: the frozen baseline, the import's first loop: ``json.loads`` and per-line checks of every
   line, a progress-bar update per line, the samples handed to (today's) shard writer in chunks;
-- ``shipped``: ``rar_llm.data.jsonl.import_jsonl`` parsing in its own process (``workers=0``: the speed of
-  one core), and as the CLI runs it (worker processes, one per core, for a file this large).
+- ``new``: ``rar_llm.data.jsonl.import_jsonl`` in this same process;
+- ``cli``: the whole command, ``rar-llm import-jsonl --jsonl FILE --out_dir DIR``, in a subprocess
+  (start-up included), as a user runs it.
 
-Lines per second of wall time are printed, and for the single-process runs per second of CPU time
-(steadier on a machine shared with other jobs); for the CLI run, the CPU per line of the reading
-process and of the workers. Rounds alternate the three; medians are reported.
+It prints the medians of lines per second of wall time, and of CPU time (steadier on a machine shared
+with other jobs), with their ratios to ``old``; and checks that all three wrote the same shards.
 
-Both write the same shards (checked), so the ratio of lines/s is the speed-up of the import.
-
-    python bench/import_jsonl.py --repeats 5           # 200k lines (about 260 MB), five rounds
-    python bench/import_jsonl.py --lines 20000 --old_lines 20000
+    python bench/import_jsonl.py                          # 40,000 lines (about 52 MB), five rounds
+    python bench/import_jsonl.py --lines 200000 --repeats 3
 """
 
 from __future__ import annotations
@@ -24,9 +22,13 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: progress bars would only add noise
 
+import contextlib
+import io
 import json
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +37,8 @@ import numpy as np
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from rar_llm.data.jsonl import auto_workers, import_jsonl
-from rar_llm.data.shards import ShardWriter, Shards
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished child processes: import-jsonl's workers."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+from rar_llm.data.jsonl import import_jsonl
+from rar_llm.data.shards import ShardWriter
 
 
 def write_rar_like(path: Path, lines: int, seed: int = 0) -> None:
@@ -57,7 +53,7 @@ def write_rar_like(path: Path, lines: int, seed: int = 0) -> None:
 
 
 def _old_parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: int):
-    """The per-line parser import-jsonl had before (rar_llm/prepare.py ``_parse_line``)."""
+    """The per-line parser import-jsonl had first (rar_llm/prepare.py ``_parse_line``)."""
     try:
         obj = json.loads(line)
     except ValueError as e:
@@ -80,7 +76,7 @@ def _old_parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classe
 
 
 def old_import(jsonl: Path, out_dir: Path, val_every: int = 1280, grid: int = 16, chunk: int = 4096) -> int:
-    """The old import's loop (json + per-line checks), limited to the lines it is timed on; returns them."""
+    """The old import's loop (json + per-line checks); returns the lines read."""
     pending = {"train": ([], [], []), "val": ([], [], [])}
     with ShardWriter(out_dir, 1024, grid, grid, 1000) as w, open(jsonl, "rb") as f, tqdm(
         total=jsonl.stat().st_size, unit="B", unit_scale=True, desc="old", dynamic_ncols=True, disable=True
@@ -104,12 +100,35 @@ def old_import(jsonl: Path, out_dir: Path, val_every: int = 1280, grid: int = 16
     return index + 1
 
 
-def main(lines: int = 200_000, old_lines: int = 50_000, repeats: int = 3, keep: Path | None = None) -> None:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished child processes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_cli(src: Path, out: Path) -> None:
+    """``rar-llm import-jsonl`` as a user runs it (its progress bar on, sent nowhere)."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    cli = [shutil.which("rar-llm")] if shutil.which("rar-llm") else [sys.executable, "-m", "rar_llm"]
+    subprocess.run([*cli, "import-jsonl", "--jsonl", str(src), "--out_dir", str(out)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def quiet(function, *args):
+    """``function(*args)`` without its printed summary (the CLI's goes nowhere too)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args)
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.npy"))}
+
+
+def main(lines: int = 40_000, repeats: int = 5, keep: Path | None = None) -> None:
     """
     Args:
         lines: lines of the synthetic file (RAR's has 12.8M).
-        old_lines: lines the old parser is timed on (its first ones; it is slow); 0: all.
-        repeats: rounds of (old, shipped with workers=0, shipped as the CLI runs it); medians are printed.
+        repeats: rounds of (old, new, cli); medians are printed.
         keep: write the synthetic file here and keep it (default: a temporary folder).
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,43 +138,30 @@ def main(lines: int = 200_000, old_lines: int = 50_000, repeats: int = 3, keep: 
             write_rar_like(src, lines)
         n = sum(1 for _ in open(src, "rb"))
         print(f"{src}: {n} lines, {src.stat().st_size / 1e6:.0f} MB, {os.cpu_count()} CPU cores")
-
-        old_src = src
-        if old_lines and old_lines < n:
-            old_src = tmp / "head.jsonl"
-            with open(src, "rb") as f, open(old_src, "wb") as g:
-                g.writelines(line for _, line in zip(range(old_lines), f))
-        runs = {  # name: (label, lines, run)
-            "old": ("old (json + per-line checks)", min(n, old_lines or n), lambda out: old_import(old_src, out)),
-            "one": ("shipped, workers=0 (one core)", n, lambda out: import_jsonl(src, out, workers=0)),
-            "cli": (f"shipped, as the CLI runs it ({auto_workers(src)} workers)", n, lambda out: import_jsonl(src, out)),
+        runs = {  # name: (label, run)
+            "old": ("old (json.loads + per-line checks)", lambda out: old_import(src, out)),
+            "new": ("import_jsonl, in this process", lambda out: quiet(import_jsonl, src, out)),
+            "cli": ("rar-llm import-jsonl, whole command", lambda out: run_cli(src, out)),
         }
         wall: dict[str, list[float]] = {name: [] for name in runs}
         cpu: dict[str, list[float]] = {name: [] for name in runs}
-        worker_us: list[float] = []  # CPU microseconds per line in the worker processes (joined children)
         for r in range(repeats):
-            for name, (_, m, run) in runs.items():
+            for name, (_, run) in runs.items():
                 out = tmp / f"{name}-{r}"
                 t, c, k = time.perf_counter(), time.process_time(), children_cpu()
                 run(out)
-                wall[name].append(m / (time.perf_counter() - t))
-                cpu[name].append(m / (time.process_time() - c))
-                if name == "cli":
-                    worker_us.append((children_cpu() - k) / m * 1e6)
+                wall[name].append(n / (time.perf_counter() - t))
+                cpu[name].append(n / (time.process_time() - c + children_cpu() - k))
                 if r:
                     shutil.rmtree(out)  # round 0's are compared below
         med = {name: (float(np.median(wall[name])), float(np.median(cpu[name]))) for name in runs}
-        for name, (label, m, _) in runs.items():
-            per_cpu = f", {med[name][1]:9,.0f} per CPU second (x{med[name][1] / med['old'][1]:.1f})" if name != "cli" else ""
-            print(f"{label + ':':44s} {med[name][0]:9,.0f} lines/s wall (x{med[name][0] / med['old'][0]:.1f}){per_cpu}; "
-                  f"runs: {', '.join(f'{x:,.0f}' for x in wall[name])} ({m} lines)")
-
-        print(f"CPU per line as the CLI runs it: {1e6 / med['cli'][1]:.2f} us in the reading process, "
-              f"{float(np.median(worker_us)):.2f} us in the workers (medians)")
-        a, b, c = (Shards(tmp / f"{name}-0", "train") for name in runs)
-        k = min(len(a), 1000)
-        assert all(np.array_equal(a[i][0], x[i][0]) and a[i][1] == x[i][1] for x in (b, c) for i in range(k)), "shards differ"
-        print(f"medians of {repeats} rounds; the first {k} samples of all three are identical; "
+        for name, (label, _) in runs.items():
+            print(f"{label + ':':38s} {med[name][0]:9,.0f} lines/s wall (x{med[name][0] / med['old'][0]:.2f}), "
+                  f"{med[name][1]:9,.0f} per CPU second (x{med[name][1] / med['old'][1]:.2f}); "
+                  f"wall runs: {', '.join(f'{x:,.0f}' for x in wall[name])}")
+        old, new, cli = (shard_files(tmp / f"{name}-0") for name in runs)
+        assert old and old == new == cli, "the shards differ"
+        print(f"medians of {repeats} rounds; all three wrote the same shard files ({len(old)}); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ def interrupt_after(monkeypatch, module, name: str, calls: int) -> None:
 
 def interrupt_after_lines(monkeypatch, lines: int) -> None:
     """Stop import-jsonl once it has parsed ``lines`` lines (at the chunk that would go past them)."""
-    original, seen = jsonl_module._parse_chunk, [0]
+    original, seen = jsonl_module.parse_lines, [0]
 
     def wrapper(chunk_lines, *args, **kwargs):
         if seen[0] + len(chunk_lines) > lines:
@@ -43,7 +42,7 @@ def interrupt_after_lines(monkeypatch, lines: int) -> None:
         seen[0] += len(chunk_lines)
         return original(chunk_lines, *args, **kwargs)
 
-    monkeypatch.setattr(jsonl_module, "_parse_chunk", wrapper)
+    monkeypatch.setattr(jsonl_module, "parse_lines", wrapper)
 
 
 def folder_bytes(path: Path) -> dict[str, bytes]:
@@ -404,7 +403,7 @@ def test_tokenize_reads_sixteen_bit_pngs_like_their_eight_bit_twins(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [{"shard_size": 0}, {"shard_size": -1}, {"chunk_bytes": 0}, {"val_every": 1},
-                                     {"val_every": -5}, {"grid": 0}, {"workers": -1}])
+                                     {"val_every": -5}, {"grid": 0}])
 def test_import_jsonl_checks_sizes_at_entry(tmp_path, setting):
     path = tmp_path / "codes.jsonl"
     write_jsonl(path)
@@ -494,7 +493,7 @@ def test_import_jsonl_refuses_what_json_refuses(tmp_path, line, problem):
         run_jsonl(path, tmp_path / "a")
 
 
-def test_import_jsonl_other_spellings_and_workers_give_the_same_shards(tmp_path):
+def test_import_jsonl_other_spellings_give_the_same_shards(tmp_path):
     rows = write_jsonl(tmp_path / "codes.jsonl", lines=60)
     spelled = []
     for i, r in enumerate(rows):
@@ -508,7 +507,7 @@ def test_import_jsonl_other_spellings_and_workers_give_the_same_shards(tmp_path)
             spelled.append(json.dumps(r) + "\n")
     (tmp_path / "spelled.jsonl").write_text("".join(spelled))
     whole = folder_bytes(run_jsonl(tmp_path / "codes.jsonl", tmp_path / "a"))
-    for name, kwargs in (("b", {}), ("c", {"workers": 2, "chunk_bytes": 300})):
+    for name, kwargs in (("b", {}), ("c", {"chunk_bytes": 300})):
         out = folder_bytes(run_jsonl(tmp_path / "spelled.jsonl", tmp_path / name, **kwargs))
         assert {k: v for k, v in out.items() if k != "meta.json"} == {k: v for k, v in whole.items() if k != "meta.json"}
 
@@ -526,53 +525,46 @@ def _mixed_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_import_jsonl_workers_give_the_same_shards_as_one_process(tmp_path, capsys):
+def test_import_jsonl_mixed_file_gives_the_same_shards_in_any_chunks_and_compressed(tmp_path, capsys):
     import gzip
 
     path = _mixed_file(tmp_path)
     zipped = tmp_path / "mixed.jsonl.gz"
     zipped.write_bytes(gzip.compress(path.read_bytes()))
-    one = folder_bytes(run_jsonl(path, tmp_path / "one", skip_bad=True, workers=0))
+    one = folder_bytes(run_jsonl(path, tmp_path / "one", skip_bad=True))
     assert "Skipped 2 malformed lines" in capsys.readouterr().out
-    for name, source, kwargs in (("w2", path, {"workers": 2}), ("w3", path, {"workers": 3, "chunk_bytes": 37}),
-                                 ("gz", zipped, {"workers": 2})):
+    for name, source, kwargs in (("big", path, {"chunk_bytes": 1 << 21}), ("small", path, {"chunk_bytes": 37}),
+                                 ("gz", zipped, {})):
         out = folder_bytes(run_jsonl(source, tmp_path / name, skip_bad=True, **kwargs))
         assert {k: v for k, v in out.items() if k != "meta.json"} == {k: v for k, v in one.items() if k != "meta.json"}
     with pytest.raises(ValueError, match="line 8: not JSON"):
-        run_jsonl(path, tmp_path / "bad", workers=2)
+        run_jsonl(path, tmp_path / "bad")
 
 
-@pytest.mark.parametrize("lines_read", [5, 40])
-def test_import_jsonl_with_workers_resumes_to_identical_shards(tmp_path, lines_read, monkeypatch):
+@pytest.mark.parametrize("lines_read", [12, 60])
+def test_import_jsonl_resumes_past_a_too_long_line_to_identical_shards(tmp_path, lines_read, monkeypatch):
     path = _mixed_file(tmp_path)
-    whole = run_jsonl(path, tmp_path / "whole", skip_bad=True, workers=0)
-    interrupt_after_lines(monkeypatch, lines_read)  # inherited by the workers: each counts its own lines
+    whole = run_jsonl(path, tmp_path / "whole", skip_bad=True)
+    interrupt_after_lines(monkeypatch, lines_read)
     with pytest.raises(Interrupt):
-        run_jsonl(path, tmp_path / "resumed", skip_bad=True, workers=2)
+        run_jsonl(path, tmp_path / "resumed", skip_bad=True)
     monkeypatch.undo()
     assert read_meta(tmp_path / "resumed")["splits"], "the interrupted run wrote no shard to resume from"
-    run_jsonl(path, tmp_path / "resumed", skip_bad=True, resume=True, workers=2)
+    run_jsonl(path, tmp_path / "resumed", skip_bad=True, resume=True)
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(whole)
 
 
-def test_import_jsonl_worker_failures_reach_the_caller_and_leave_no_process(tmp_path, monkeypatch):
-    import multiprocessing
-    import os
-
+def test_import_jsonl_failures_reach_the_caller_and_leave_nothing_half_written(tmp_path, monkeypatch):
     path = tmp_path / "codes.jsonl"
     write_jsonl(path)
 
     def boom(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(jsonl_module, "_parse_chunk", boom)
+    monkeypatch.setattr(jsonl_module, "parse_lines", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        run_jsonl(path, tmp_path / "a", workers=2)
-    monkeypatch.setattr(jsonl_module, "_parse_chunk", lambda *args: os._exit(3))
-    with pytest.raises(RuntimeError, match="worker process 0 died \\(exit code 3\\)"):
-        run_jsonl(path, tmp_path / "b", workers=2)
-    assert multiprocessing.active_children() == []
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written left
+        run_jsonl(path, tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # nothing half-written left
 
 
 def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys):
@@ -585,27 +577,14 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys)
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ShardWriter, "add", interrupted)  # in the reading process, where Ctrl-C lands
+    monkeypatch.setattr(ShardWriter, "add", interrupted)
     args = ["import-jsonl", "--jsonl", str(path), "--out_dir", str(tmp_path / "out"), "--grid", "4",
             "--codebook_size", "16", "--num_classes", "5"]
-    for workers in ("0", "2"):
-        with pytest.raises(SystemExit) as e:
-            main(args + ["--workers", workers])
-        err = capsys.readouterr().err
-        assert e.value.code == 130 and "Traceback" not in err
-        assert err.strip().splitlines()[-1] == "rar-llm import-jsonl: interrupted; rerun the command with --resume true to continue"
-
-
-def test_import_jsonl_uses_workers_for_large_files_only(tmp_path, monkeypatch):
-    path = tmp_path / "codes.jsonl"
-    write_jsonl(path)
-    assert jsonl_module.auto_workers(path) == 0
-    monkeypatch.setattr(jsonl_module, "AUTO_WORKERS_FROM", path.stat().st_size)
-    assert jsonl_module.auto_workers(path) == min(len(os.sched_getaffinity(0)), 8)
-    monkeypatch.setattr(jsonl_module, "FORK", False)
-    assert jsonl_module.auto_workers(path) == 0
-    with pytest.raises(ValueError, match="workers=2 needs processes started by fork"):
-        run_jsonl(path, tmp_path / "a", workers=2)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "rar-llm import-jsonl: interrupted; rerun the command with --resume true to continue"
 
 
 def test_cli_prints_one_line_for_a_bad_jsonl(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The package as users call it: `rar_llm.generate(model, class_id)`, the README's examples, the CLI's errors."""
 
 import dataclasses
+import importlib.util
 import inspect
 import os
 import re
@@ -30,6 +31,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_the_public_api_resolves_every_name_it_lists():
+    vllm_missing = importlib.util.find_spec("vllm") is None
+    for name in rar_llm.__all__:
+        if vllm_missing and name in ("vllm_generate", "make_llm"):
+            with pytest.raises(ImportError, match="vllm"):
+                getattr(rar_llm, name)
+            continue
+        obj = getattr(rar_llm, name)
+        assert getattr(obj, "__name__", name) == name, (name, obj)
+    assert rar_llm.generate is rar_llm.sampling.loop.generate  # a function, never shadowed by a module
+    assert rar_llm.RAR_PRESETS["rar-b"] == rar_llm.SamplingSettings(16.0, "power_cosine", 2.75, 1.0)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rar_llm.nope
 
 
 def test_import_needs_no_litgpt():

@@ -1,4 +1,9 @@
-"""Image tokenizers: images <-> code grids, behind one interface (:class:`ImageTokenizer`)."""
+"""Image tokenizers: images <-> code grids, behind one interface (:class:`ImageTokenizer`).
+
+``base`` (the interface), ``pixel`` (one code per pixel, the digits' greys), ``maskgit`` (RAR's MaskGIT-VQGAN),
+``vq`` (a small learned VQ for 28x28 grey images), ``draw`` (codes to pixels and PNG grids). Torch only, no
+litgpt. ``train_vq`` (``rar-llm train-vq``) sits above ``data``: it reads Fashion-MNIST to train ``vq``.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """``rar-llm import-jsonl``: pre-tokenized JSONL (RAR's released ``maskgitvq.jsonl``) as shards.
 
-Each line is ``{"class_id": int, "tokens": [ints]}``. The file is streamed a chunk of lines at a time
-in this one process: each line is parsed with orjson and its codes go into a numpy row, and a chunk's
-samples go to the shard writer before the next chunk is read, so memory stays constant however large
-the file. Lines spelled as RAR's script writes them take a short path; any other line (other keys or
-key order, or a malformed one) goes through the exact checks, which say what is wrong and on which
-line. It is a one-time import, so the code stays plain rather than fast at any price.
+Each line is ``{"class_id": int, "tokens": [ints]}``. The file is read in chunks of whole lines, in one
+process; each chunk is parsed (orjson, line by line) and handed to the shard writer before the next is
+read, so memory stays constant however large the file. Lines made only of the characters RAR's lines
+use take a short path; any other line goes through exact checks that say what is wrong with it and on
+which line. It runs once per data set, so the code is plain rather than as fast as it could be.
 """
 
 from __future__ import annotations
@@ -126,15 +125,14 @@ def parse_line(line: bytes, num_tokens: int, codebook_size: int, num_classes: in
 def parse_lines(
     lines: list[bytes], num_tokens: int, codebook_size: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """``(codes, class ids, ok, errors)``: rows i of ``codes`` (n, num_tokens) and ``class ids`` hold
-    line i where ``ok[i]``; blank lines are not ok, malformed ones are not ok and listed in ``errors``
+    """``(codes, class ids, ok, errors)``: row i of ``codes`` (n, num_tokens) and ``class ids`` is line
+    i where ``ok[i]``; blank and malformed lines are not ok, and ``errors`` lists the malformed ones
     as ``(i, problem)``.
 
-    The short path: a line whose characters are SKELETON besides digits, separators and whitespace
-    holds, once orjson accepts it, a class id and a list of non-negative integers (floats, signs,
-    booleans, strings and null all need other characters); ``struct`` packs exactly ``num_tokens``
-    of them in the shards' dtype, or refuses. Any other line, or one out of range, goes through
-    ``parse_line``.
+    The short path: a line that is SKELETON besides digits, separators and whitespace holds, once
+    orjson accepts it, a class id and a list of non-negative integers (floats, signs, booleans,
+    strings and null need other characters); ``struct`` packs exactly ``num_tokens`` of them in the
+    shards' dtype, or refuses. Any other line, or one out of range, goes through ``parse_line``.
     """
     dtype = np.dtype(code_dtype(codebook_size))
     row = struct.Struct(f"={num_tokens}{dtype.char}")  # uint16 or int32: the same letters in struct
@@ -165,6 +163,20 @@ def parse_lines(
             except ValueError as e:
                 errors.append((int(i), str(e)))
     return codes, labels, ok, errors
+
+
+def new_lines(chunks: Iterator[list[bytes]], starts: tuple[int, int], val_every: int):
+    """``(lines, their indices in the file, which go to val)`` of each chunk, less the lines before
+    ``starts`` (train, val): those an interrupted import has written already."""
+    first, starts = 0, np.array(starts)
+    for lines in chunks:
+        index = np.arange(first, first + len(lines))
+        first += len(lines)
+        val = (index + 1) % val_every == 0 if val_every else np.zeros(len(lines), bool)
+        new = index >= starts[val.astype(int)]
+        if not new.all():
+            lines, index, val = [line for line, keep in zip(lines, new) if keep], index[new], val[new]
+        yield lines, index, val
 
 
 def import_jsonl(
@@ -217,18 +229,13 @@ def import_jsonl(
     if resume:
         check_resume(out_dir, info, ("source_size", "source_sha256_1mib", "val_every"))
     f, raw = open_lines(jsonl)
-    skipped, first_error, first = 0, None, 0
+    skipped, first_error = 0, None
     with raw, f, ShardWriter(
         out_dir, codebook_size, grid, grid, num_classes, shard_size=shard_size, resume=resume, info=info
     ) as w, tqdm(total=jsonl.stat().st_size, unit="B", unit_scale=True, desc=jsonl.name, dynamic_ncols=True) as bar:
-        starts = np.array([w.resume_position("train"), w.resume_position("val")])  # earlier lines are written
-        for lines in read_lines(f, jsonl, chunk_bytes, max(1 << 20, 64 * grid * grid), skip_bad):
-            index = np.arange(first, first + len(lines))
-            first += len(lines)
-            val = (index + 1) % val_every == 0 if val_every else np.zeros(len(lines), bool)
-            new = index >= starts[val.astype(int)]
-            if not new.all():
-                lines, index, val = [line for line, keep in zip(lines, new) if keep], index[new], val[new]
+        chunks = read_lines(f, jsonl, chunk_bytes, max(1 << 20, 64 * grid * grid), skip_bad)
+        starts = (w.resume_position("train"), w.resume_position("val"))
+        for lines, index, val in new_lines(chunks, starts, val_every):
             codes, labels, ok, errors = parse_lines(lines, grid * grid, codebook_size, num_classes)
             errors = [(int(index[i]) + 1, problem) for i, problem in errors]  # line numbers
             if errors and not skip_bad:

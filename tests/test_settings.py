@@ -58,6 +58,7 @@ def test_vllm_request_form_edges():
         ({"rar_order": [0], "rar_top_p": 0}, "top_p=0.0 must be in (0, 1]"),
         ({"rar_order": [0], "rar_schedule": "cosine"}, "unknown guidance schedule 'cosine'"),
         ({"rar_order": [0], "rar_temperature": -1}, "temperature=-1.0 must be >= 0"),
+        ({"rar_order": [0], "rar_power": [2]}, "rar_power=[2] must be a number"),
     ],
 )
 def test_bad_requests_are_refused(extra_args, message):

@@ -57,13 +57,18 @@ def llm(hf_dir):
         dict(order="random", seed=5),
         dict(guidance=3.0, order="random", seed=7),
         dict(guidance=4.0, schedule="power_cosine", power=2.0, order="zcurve"),
+        dict(settings="rar-xl", order="random", seed=3),  # a preset, its fields overridden by keywords
     ],
 )
 def test_greedy_equals_generate(llm, lit_model, settings):
     from rar_llm import generate
     from rar_llm.serve.batch import vllm_generate
 
+    from rar_llm import RAR_PRESETS
+
     classes = [1, 7, 3]
+    if "settings" in settings:
+        settings = {**settings, "settings": RAR_PRESETS[settings["settings"]]}
     theirs = vllm_generate(llm, classes, temperature=0, **settings)
     assert theirs.shape == (3, 8, 8)
     assert torch.equal(theirs, generate(lit_model, classes, temperature=0, **settings))

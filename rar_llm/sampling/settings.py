@@ -153,9 +153,13 @@ def from_extra_args(extra_args: Mapping[str, Any] | None) -> tuple[SamplingSetti
     top_k = extra_args.get(KEY["top_k"])
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
         raise ValueError(f"rar_top_k={top_k!r} must be an integer or absent")
-    values = {name: cast(extra_args[KEY[name]]) for name, cast in (
-        ("guidance", float), ("schedule", str), ("power", float), ("temperature", float), ("top_p", float),
-    ) if KEY[name] in extra_args}
+    values: dict[str, Any] = {"schedule": str(extra_args.get(KEY["schedule"], "constant"))}
+    for name in ("guidance", "power", "temperature", "top_p"):
+        if KEY[name] in extra_args:
+            try:
+                values[name] = float(extra_args[KEY[name]])
+            except (TypeError, ValueError):
+                raise ValueError(f"{KEY[name]}={extra_args[KEY[name]]!r} must be a number") from None
     top_k = top_k if top_k is not None and top_k > 0 else None  # 0 / -1: no top-k, as vLLM's own
     settings = SamplingSettings(order=[int(c) for c in order], top_k=top_k, **values)  # checks the values
     pair = extra_args.get(KEY["pair"])

@@ -310,3 +310,11 @@ def test_tokenizer_and_classifier_files_are_checked_against_the_layout_before_an
     with pytest.raises(ValueError, match="has 16 codes on a 7x7 grid but the model's layout has 5000 codes"):
         check_drawable(same_grid, load_tokenizer(vq_file))
     check_drawable(VocabLayout(16, 7, 7, 10), load_tokenizer(vq_file))  # the matching one passes
+
+
+def test_sample_refuses_a_tokenizer_of_another_codebook_before_loading_weights(vq_file, tiny_checkpoint, tmp_path):
+    from rar_llm.sampling.cli import sample
+
+    with pytest.raises(ValueError, match=f"--tokenizer {vq_file} has 16 codes on a 7x7 grid"):
+        sample(tiny_checkpoint, tmp_path / "s", tokenizer=str(vq_file))
+    assert not (tmp_path / "s").exists()

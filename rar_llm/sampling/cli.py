@@ -63,13 +63,14 @@ def sample(
     check_run(out_dir, num_per_class, batch_size, dtype, engine, overwrite)
     if preset is not None:
         sampling = with_preset(sampling, preset)
+    name = f"--tokenizer {tokenizer}" if isinstance(tokenizer, str) else "the tokenizer"
     if isinstance(tokenizer, str):
         from rar_llm.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
 
     layout = VocabLayout.from_checkpoint(checkpoint_dir)
-    check_drawable(layout, tokenizer)
+    check_drawable(layout, tokenizer, name)  # codebook and grid, before any sampling
     classes = list(range(layout.num_classes)) if classes is None else class_ids(classes).tolist()
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(num_per_class)
     layout.class_tokens(labels)  # fail on a bad class before loading the weights

@@ -48,7 +48,7 @@ def native_bf16(device: torch.device | str) -> bool:
 
 @functools.cache
 def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where the device runs it natively (1.5x faster CPU decoding here), else float32; said once."""
+    """bfloat16 where the device runs it natively, else float32; said once."""
     dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     why = "runs it natively" if dtype == torch.bfloat16 else "has no native bfloat16"
     print(f"rar_llm: sampling in {str(dtype).removeprefix('torch.')} on {device} (it {why}; pass dtype= to choose)",

@@ -4,6 +4,7 @@ training run's flags, and an endless stream of shuffled batches."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -99,14 +100,48 @@ def read_net(path: Path | str, fmt: str, what: str, command: str) -> tuple[dict[
 def load_net(cls, path: Path | str, fmt: str, what: str, command: str):
     """A ``cls(**config)`` with the file's weights (checked whole), its ``report`` attached, in eval mode."""
     state, config, report = read_net(path, fmt, what, command)
+    retrain = f"retrain with `rar-llm {command}`"
+    problem = config_problem(cls, config)
+    if problem:
+        raise ValueError(f"{path}: damaged settings in its metadata ({problem}); {retrain}")
     try:
-        net = cls(**config)
-        net.load_state_dict(state)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: the weights do not fit a {what} ({str(e).splitlines()[0][:200]}); "
-                         f"retrain with `rar-llm {command}`") from None
+        with torch.device("meta"):  # the shapes the settings imply, before allocating anything
+            want = {k: (v.shape, v.dtype) for k, v in cls(**config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{path}: damaged settings in its metadata ({str(e).splitlines()[0][:200]}); {retrain}") from None
+    got = {k: (v.shape, v.dtype) for k, v in state.items()}
+    if got != want:
+        name = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[0]
+        raise ValueError(f"{path}: the weights do not fit a {what} ({name}: {fmt_tensor(got.get(name))} in the file, "
+                         f"{fmt_tensor(want.get(name))} expected); {retrain}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise ValueError(f"{path}: {bad} holds NaN or infinite weights; {retrain}")
+    net = cls(**config)
+    net.load_state_dict(state)
     net.report = report
     return net.eval().requires_grad_(False)
+
+
+def config_problem(cls, config) -> str | None:
+    """What is wrong with ``config`` as the keyword arguments of ``cls``, or None: every argument given,
+    no other key, integers positive and floats finite."""
+    params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+    if not isinstance(config, dict):
+        return f"config is {type(config).__name__}, not an object"
+    if config.keys() != params.keys():
+        return f"config keys {sorted(config)}, expected {sorted(params)}"
+    for key, value in config.items():
+        if isinstance(params[key].default, int):
+            if type(value) is not int or value < 1:
+                return f"{key} {value!r} must be a positive integer"
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return f"{key} {value!r} must be a finite number"
+    return None
+
+
+def fmt_tensor(spec) -> str:
+    return "nothing" if spec is None else f"{tuple(spec[0])} {str(spec[1]).removeprefix('torch.')}"
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -14,6 +14,7 @@ dimension as a big-endian uint32, then the values in C order.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -63,7 +64,7 @@ def read_idx(path: Path | str, ndim: int | None = None) -> np.ndarray:
     if dims == 0 or len(raw) < header:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes for {dims} dimensions)")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=dims, offset=4))
-    want = int(np.prod(shape))
+    want = math.prod(shape)  # Python ints: a header whose product overflows int64 is still refused
     got = len(raw) - header
     if got != want:
         what = "truncated" if got < want else "longer than its header says"
@@ -96,10 +97,12 @@ def load_split(source_dir: Path | str | None = None, split: str = "train") -> tu
     if len(images) != len(labels):
         raise ValueError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels; "
                          "the two files do not belong together")
+    if not len(images):
+        raise ValueError(f"{image_file} holds no images; is it the right file?")
     if images.shape[1:] != SIZE:
         raise ValueError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images; an MNIST-style set is "
                          f"{SIZE[0]}x{SIZE[1]} (is it the right file?)")
-    if labels.size and labels.max() >= len(CLASS_NAMES):
+    if labels.max() >= len(CLASS_NAMES):
         raise ValueError(f"{label_file}: label {int(labels.max())} outside 0..{len(CLASS_NAMES) - 1}")
     return images, labels.astype(np.int64)
 

@@ -72,7 +72,7 @@ def fit_classifier(
 
     The global torch RNG is left as it was, so evaluating mid-training does not change the run. It
     trains on one thread: the matrices are so small that a second thread costs more than it gives
-    (25 s instead of 1 s on 2 busy cores), and the result no longer depends on the thread count.
+    on a busy machine, and the result does not depend on the thread count.
     """
     x = torch.as_tensor(np.asarray(train_images, dtype=np.float32)).flatten(1)
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))

@@ -3,7 +3,7 @@
 Decoding feeds a few tokens per step, so each step is a row of skinny matmuls that stream every
 weight from memory; ATen's default CPU matmul repacks the weight on every call and reaches about
 half the memory bandwidth that a weight laid out once in oneDNN's blocked format does (the same
-prepacking ``torch.compile``'s CPU freezing does). Measured on RAR-B: 1.3-1.4x faster decoding.
+prepacking ``torch.compile``'s CPU freezing does; figures in docs/benchmarks.md).
 The ops are private to PyTorch (``torch.ops.mkldnn``), so anything missing or failing falls back
 to the plain layers with one warning.
 """

@@ -1,4 +1,4 @@
-"""Class id -> PNG from a vLLM OpenAI-compatible server running the RAR plugin (stdlib + numpy + PIL).
+"""Class id -> PNG from a vLLM OpenAI-compatible server running the RAR plugin (numpy + PIL, no torch).
 
 Server (see the README, "Serving with vLLM")::
 
@@ -24,9 +24,14 @@ Needs numpy, PIL and the rar_llm package's files, not torch (``rar_llm.sampling.
 from __future__ import annotations
 
 import argparse
+import http.client
+import math
+import os
+import sys
 import json
 import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +53,12 @@ class Layout:
     """
 
     def __init__(self, d: dict) -> None:
-        self.codebook_size = int(d["codebook_size"])
-        self.height, self.width = int(d["height"]), int(d["width"])
-        self.num_classes = int(d["num_classes"])
+        for key in ("codebook_size", "height", "width", "num_classes"):
+            if type(d.get(key)) is not int or d[key] < 1:
+                raise ValueError(f"layout {key} {d.get(key)!r}: expected a positive integer")
+        self.codebook_size = d["codebook_size"]
+        self.height, self.width = d["height"], d["width"]
+        self.num_classes = d["num_classes"]
         self.code_offset = int(d.get("text_vocab_size", 0))
         self.class_offset = self.code_offset + self.codebook_size
         self.null_class = self.class_offset + self.num_classes
@@ -65,28 +73,68 @@ class Layout:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer_config.json"
-        d = json.loads(path.read_text())
-        return cls(d.get("rar_layout", d))
+        try:
+            d = json.loads(path.read_text())
+            return cls(d.get("rar_layout", d))
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+            raise ValueError(f"--layout {path}: not a RAR layout ({err}); give the exported model's folder") from None
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
-def _post(url: str, body: dict, timeout: float) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+class ServerError(RuntimeError):
+    """The server could not be reached, answered an error, or answered something that is not vLLM's API."""
+
+
+def _request(req: urllib.request.Request | str, timeout: float) -> dict:
+    url = req.full_url if isinstance(req, urllib.request.Request) else req
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as err:
-        raise RuntimeError(f"{url}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}") from None
+        raise ServerError(f"{url}: the server answered HTTP {err.code}: {_error_text(err.read())}") from None
+    except urllib.error.URLError as err:
+        raise ServerError(f"{url}: cannot reach the server ({err.reason}); is `vllm serve` running there?") from None
+    except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, not HTTP
+        raise ServerError(f"{url}: the connection failed ({type(err).__name__}: {err})") from None
+    except ValueError as err:  # json
+        raise ServerError(f"{url}: the answer is not JSON ({err}); is it a vLLM server?") from None
+
+
+def _error_text(body: bytes) -> str:
+    """An error answer's message on one line: vLLM's ``error.message`` (or ``detail``), else the raw body."""
+    text = body.decode(errors="replace")
+    try:
+        answer = json.loads(text)
+        error = answer.get("error", answer)
+        text = str(error.get("message", error.get("detail", text)) if isinstance(error, dict) else error)
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(text.split())[:300]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    data = json.dumps(body).encode()
+    return _request(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}), timeout)
 
 
 def _get(url: str, timeout: float) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
+    return _request(url, timeout)
+
+
+def _field(answer: dict, url: str, *keys):
+    """``answer[k0][k1]...``; a missing field is a ServerError (the server is not vLLM's API)."""
+    try:
+        for key in keys:
+            answer = answer[key]
+        return answer
+    except (KeyError, IndexError, TypeError):
+        raise ServerError(f"{url}: the answer has no {'/'.join(map(str, keys))}; is it a vLLM server?") from None
 
 
 def served_model(url: str, timeout: float = 30) -> dict:
     """The first model the server lists (``id``, ``root``)."""
-    return _get(url.rstrip("/") + "/v1/models", timeout)["data"][0]
+    url = url.rstrip("/") + "/v1/models"
+    return _field(_get(url, timeout), url, "data", 0)
 
 
 def check_layout(url: str, model: str, layout: Layout, timeout: float = 30) -> None:
@@ -94,22 +142,41 @@ def check_layout(url: str, model: str, layout: Layout, timeout: float = 30) -> N
     names = {"<img_0>": layout.code_offset, "<class_null>": layout.null_class, "<pos_0>": layout.pos_offset,
              "<eoi>": layout.eoi}
     for name, want in names.items():
-        got = _post(url.rstrip("/") + "/tokenize", {"model": model, "prompt": name, "add_special_tokens": False},
-                    timeout)["tokens"]
+        endpoint = url.rstrip("/") + "/tokenize"
+        got = _field(_post(endpoint, {"model": model, "prompt": name, "add_special_tokens": False}, timeout),
+                     endpoint, "tokens")
         if got != [want]:
             raise ValueError(f"the layout puts {name} at {want} but the server's tokenizer gives {got}: "
                              "pass --layout for the model the server runs")
 
 
 # ---- generation ----------------------------------------------------------------------------------
+CLIENT_ORDERS = ("raster", "random")  # the orders the client draws itself; others travel as a permutation
+
+
+def check_order(order, n: int | None = None) -> None:
+    """A name the client draws, or a permutation of the cells (of ``n`` cells where the layout is known)."""
+    if isinstance(order, str):
+        if order not in CLIENT_ORDERS:
+            raise ValueError(f"order {order!r}: the client draws {' and '.join(CLIENT_ORDERS)}; pass a permutation "
+                             "(a JSON list of the cells) for others")
+        return
+    rows = order if isinstance(order, list) and order and all(isinstance(r, list) for r in order) else [order]
+    for row in rows:
+        if (not isinstance(row, list) or not row or any(type(c) is not int or c < 0 for c in row)
+                or len(set(row)) != len(row) or (n is not None and sorted(row) != list(range(n)))):
+            cells = f"0..{n - 1}" if n is not None else "r*W+c"
+            raise ValueError(f"order {str(order)[:60]}: expected a permutation of the cells ({cells}), each once")
+
+
 def _orders(order, batch: int, layout: Layout, rng: np.random.Generator) -> np.ndarray:
     n = layout.num_positions
     if isinstance(order, str):
+        check_order(order)
         if order == "raster":
             return np.tile(np.arange(n), (batch, 1))
         if order == "random":
             return np.stack([rng.permutation(n) for _ in range(batch)])
-        raise ValueError(f"order {order!r}: the client knows raster and random; pass a permutation for others")
     perm = np.asarray(order, dtype=np.int64)
     if perm.shape not in ((n,), (batch, n)) or not (np.sort(perm.reshape(-1, n), 1) == np.arange(n)).all():
         raise ValueError(f"order must be a permutation of the {n} cells, shape ({n},) or ({batch}, {n})")
@@ -148,7 +215,7 @@ def generate(
             }))
     endpoint = url.rstrip("/") + "/v1/completions"
     with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        results = list(pool.map(lambda job: _post(endpoint, job[1], timeout)["choices"][0], jobs))
+        results = list(pool.map(lambda job: _field(_post(endpoint, job[1], timeout), endpoint, "choices", 0), jobs))
     tokens: dict[int, list[list[int]]] = {}
     for (b, _), choice in zip(jobs, results):
         tokens.setdefault(b, []).append(list(choice.get("token_ids") or []))
@@ -166,7 +233,7 @@ def generate(
             "with --scheduler-cls rar_llm.serve.plugin.RARScheduler and enough KV cache, or use --guidance 1"
         )
     if (codes < 0).any() or (codes >= layout.codebook_size).any():
-        raise RuntimeError("the server returned non-code tokens: is it running rar_llm.serve.plugin:RARLogitsProcessor?")
+        raise ServerError("the server returned non-code tokens: is it running rar_llm.serve.plugin:RARLogitsProcessor?")
     return codes.reshape(-1, layout.height, layout.width)
 
 
@@ -195,41 +262,129 @@ def add_sampling_arguments(ap: argparse.ArgumentParser) -> None:
         ap.add_argument(f"--{name}", type=kind, choices=choices, default=getattr(defaults, name))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="http://localhost:8000")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``client: error: ...``, exit 2), as the rar-llm CLI's."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        fail(message, 2)
+
+
+def fail(message: str, code: int) -> typing.NoReturn:
+    sys.stderr.write(f"rar_llm.serve.client: error: {message}\n")
+    raise SystemExit(code)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = OneLineParser(prog="python -m rar_llm.serve.client", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="http://localhost:8000", help="the vLLM server (http:// or https://)")
     ap.add_argument("--class_id", default="0", help="one id or a comma-separated list")
     ap.add_argument("--num_per_class", type=int, default=1)
-    ap.add_argument("--out", default="rar.png")
-    ap.add_argument("--codes_out", default=None, help="also save the codes as .npy")
+    ap.add_argument("--out", default="rar.png", help="the PNG grid to write")
+    ap.add_argument("--codes_out", default=None, help="also save the codes (a .npy file)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out / --codes_out if they exist")
     ap.add_argument("--layout", default=None, help="export folder or layout JSON (default: the served model's folder)")
     ap.add_argument("--model", default=None, help="served model name (default: the first the server lists)")
     add_sampling_arguments(ap)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--timeout", type=float, default=600)
-    args = ap.parse_args(argv)
-    order = json.loads(args.order) if args.order.strip().startswith("[") else args.order
-    try:
-        settings = SamplingSettings(**{k: getattr(args, k) for k in VLLM_FIELDS if k != "order"}, order=order)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    return ap
 
-    info = served_model(args.url)
-    model = args.model or info["id"]
-    layout_src = args.layout or info.get("root") or info["id"]
-    if not Path(layout_src).exists():
-        raise SystemExit(f"the server runs {layout_src!r}, which is not a folder here: pass --layout")
-    layout = Layout.load(layout_src)
-    check_layout(args.url, model, layout)
-    classes = [int(c) for c in str(args.class_id).split(",") for _ in range(args.num_per_class)]
+
+def check_args(args: argparse.Namespace) -> tuple[SamplingSettings, list[int], Layout | None]:
+    """Every value, before connecting: ``(settings, class ids, layout or None)``; a ValueError names the flag."""
+    check_url(args.url)
+    if args.num_per_class < 1:
+        raise ValueError(f"--num_per_class {args.num_per_class}: expected 1 or more")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: expected a number of seconds > 0")
     try:
+        ids = [int(c) for c in str(args.class_id).split(",")]
+    except ValueError:
+        raise ValueError(f"--class_id {args.class_id!r}: expected an id or comma-separated ids, e.g. 0,1,2") from None
+    if any(c < 0 for c in ids):
+        raise ValueError(f"--class_id {args.class_id!r}: class ids are >= 0")
+    order = args.order
+    if order.strip().startswith("["):
+        try:
+            order = json.loads(order)
+        except ValueError:
+            raise ValueError(f"--order {args.order!r}: not a JSON list of cells") from None
+    layout = Layout.load(args.layout) if args.layout else None
+    check_order(order, layout.num_positions if layout else None)
+    settings = SamplingSettings(**{k: getattr(args, k) for k in VLLM_FIELDS if k != "order"}, order=order)
+    check_output("--out", args.out, ".png", args.overwrite)
+    if args.codes_out is not None:
+        check_output("--codes_out", args.codes_out, ".npy", args.overwrite)
+    if layout is not None:
+        check_classes(ids, layout)
+    return settings, [c for c in ids for _ in range(args.num_per_class)], layout
+
+
+def check_url(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0..65535)
+    except ValueError as err:
+        raise ValueError(f"--url {url!r}: {err}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--url {url!r}: expected http://HOST:PORT (the vLLM server)")
+
+
+def check_output(flag: str, path: str, suffix: str, overwrite: bool) -> None:
+    """A file the client will write: the right kind, a folder that exists, and no file replaced unasked."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {path}: name a {suffix} file")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; name a {suffix} file")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it, or another name")
+
+
+def check_classes(class_ids: list[int], layout: Layout) -> None:
+    bad = [c for c in class_ids if not 0 <= c < layout.num_classes]
+    if bad:
+        raise ValueError(f"class id {bad[0]} is outside 0..{layout.num_classes - 1}")
+
+
+def save_atomic(path: str, write) -> None:
+    """``write(tmp)`` then move the file into place, so a failed write leaves no half file under ``path``."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{Path(path).suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The client's CLI: values checked first (exit 2), then the server (exit 1 if it fails), each one line."""
+    args = parser().parse_args(argv)
+    try:
+        settings, classes, layout = check_args(args)
+    except ValueError as err:
+        fail(str(err), 2)
+    try:
+        info = served_model(args.url, args.timeout)
+        model = args.model or _field(info, args.url, "id")
+        if layout is None:
+            source = info.get("root") or model
+            if not Path(str(source)).exists():
+                fail(f"the server runs {source!r}, which is not a folder here: pass --layout", 2)
+            layout = Layout.load(source)
+            check_classes(classes, layout)
+        check_layout(args.url, model, layout, args.timeout)
         codes = generate(args.url, classes, layout, model, settings=settings, seed=args.seed, timeout=args.timeout)
-    except (UnpairedGuidanceError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:
+        fail(str(err), 2)
+    except (ServerError, UnpairedGuidanceError) as err:
+        fail(str(err), 1)
     rows = len(set(classes)) if args.num_per_class > 1 else 1
-    to_png(codes, layout, args.out, rows=rows)
+    save_atomic(args.out, lambda tmp: to_png(codes, layout, tmp, rows=rows))
     if args.codes_out:
-        np.save(args.codes_out, codes)
+        save_atomic(args.codes_out, lambda tmp: np.save(tmp, codes))
     print(f"wrote {len(classes)} image(s) of classes {sorted(set(classes))} to {args.out}")
 
 

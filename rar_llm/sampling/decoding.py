@@ -166,20 +166,17 @@ def known_first(perm: torch.Tensor, known_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- sampling ------------------------------------------------------------------------------------
-def sample_codes(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+def code_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
 ) -> torch.Tensor:
-    """One draw per row of ``logits`` (..., K) -> (...); temperature 0 is greedy.
+    """The distribution a step draws from, ``(..., K)``: temperature, then top-k, then top-p.
 
-    Batched (litgpt's ``sample`` reads only row 0). top-k keeps the k best, top-p the smallest set
-    whose probability reaches p (always at least the best).
+    Temperature 0 is the one-hot of the best code. top-k keeps the k best, top-p the smallest set
+    whose probability reaches p (always at least the best). Speculative decoding applies the same
+    filters to its proposals and its targets.
     """
     if temperature == 0:
-        return logits.argmax(-1)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -189,8 +186,29 @@ def sample_codes(
         p = sorted_logits.softmax(-1)
         drop = p.cumsum(-1) - p >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
-    probs = logits.softmax(-1).reshape(-1, logits.size(-1))
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    return logits.softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One code per row of ``probs`` (..., K) -> (...)."""
+    flat = probs.reshape(-1, probs.size(-1))
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def sample_codes(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One draw per row of ``logits`` (..., K) -> (...) from ``code_probs``; temperature 0 is greedy.
+
+    Batched (litgpt's ``sample`` reads only row 0).
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    return draw(code_probs(logits, temperature, top_k, top_p), generator)
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:

@@ -36,6 +36,7 @@ from rar_llm.checkpoint import model_layout
 from rar_llm.sampling.decoding import (
     cell_orders,
     class_ids,
+    code_probs,
     guidance_scale,
     known_cells,
     known_first,
@@ -45,6 +46,7 @@ from rar_llm.sampling.decoding import (
 )
 from rar_llm.sampling.prepack import prepacked
 from rar_llm.sampling.settings import SamplingSettings, resolve
+from rar_llm.sampling.speculative import Drafts, SpeculativeStats, check
 from rar_llm.text.merged import encode_prompt
 from rar_llm.vocab import VocabLayout
 
@@ -160,6 +162,89 @@ def decode_step(
     return new
 
 
+def lookahead(k: int, n: int, n_gen: int, streams: list[Stream]) -> int:
+    """The proposals in flight a round can hold: ``k``, at most what the grid and context leave room for."""
+    shortest = min(s.length for s in streams)
+    return max(0, min(k, n_gen - 1, (n + shortest - 1) // 2, (2 * n + shortest - 2) // 3))
+
+
+def speculative_forward(model: GPT, s: Stream, drafts: Drafts, queries: torch.Tensor, first: bool) -> torch.Tensor:
+    """Logits ``(rows, J, V)`` at the cells ``done + t``: the pending proposals, then ``queries`` position queries.
+
+    Each image feeds from its last decided code (the prefill on the first round) to its last query, at its
+    own cache slots; a row with less to feed starts earlier and recomputes cached slots, so every row
+    has the same length. The first query sits in its training slot, the others follow it.
+    """
+    P, rows = s.length, s.seq.shape[0]
+    branches = rows // drafts.done.shape[0]
+    dev = s.seq.device
+    done, pending, queries = drafts.done.to(dev), drafts.pending.to(dev), queries.to(dev)
+    q0 = 2 * (done + pending)  # slot of the first query after the conditions
+    end = q0 + queries
+    begin = torch.full_like(done, -P) if first else 2 * done - 1
+    T = int((end - begin).max())
+    slots = (end - T)[:, None] + torch.arange(T, device=dev)  # after the conditions
+    src = torch.where(slots < q0[:, None], slots, q0[:, None] + 2 * (slots - q0[:, None]))
+    pos = (P + slots).repeat(branches, 1)
+    for block, c in zip(model.transformer.h, s.cache):
+        block.attn.kv_cache = c
+    out = model(s.seq.gather(1, (P + src).repeat(branches, 1)), input_pos=pos, input_pos_maxp1=int(pos.max()) + 1)
+    J = int((pending + queries).max())
+    t = torch.arange(J, device=dev)
+    at = torch.where(t < pending[:, None], 2 * (done[:, None] + t), q0[:, None] + t - pending[:, None])
+    at = (at - (end - T)[:, None]).clamp(0, T - 1).repeat(branches, 1)
+    return out.gather(1, at[..., None].expand(-1, -1, out.shape[-1]))
+
+
+def speculate(
+    model: GPT,
+    layout: VocabLayout,
+    streams: list[Stream],
+    settings: SamplingSettings,
+    ordered: torch.Tensor,
+    n_known: int,
+    k: int,
+    generator: torch.Generator | None,
+    bar: tqdm | None,
+    stats: SpeculativeStats | None,
+) -> None:
+    """Decode every cell of ``ordered`` after the known ones by speculative rounds, one forward per round.
+
+    The model drafts up to ``k`` cells ahead of each image's frontier and the next round checks them
+    (``rar_llm.sampling.speculative``); images advance at their own pace, each at its own cache slots.
+    """
+    B, n = ordered.shape
+    n_gen, device = n - n_known, model.lm_head.weight.device
+    codes = slice(layout.code_offset, layout.class_offset)
+    scales = torch.tensor([guidance_scale(settings.guidance, t, n_gen, settings.schedule, settings.power)
+                           for t in range(n_gen)], device=device)
+    drafts = Drafts.start(B, n, layout.codebook_size, n_known, device)
+    first = True
+    while bool((drafts.done < n).any()):
+        queries = (n - drafts.done - drafts.pending).clamp(max=k + 1)
+        logits = {}
+        for s in streams:
+            out = speculative_forward(model, s, drafts, queries, first)[..., codes].float()
+            logits.update(zip(s.branches, out.chunk(len(s.branches))))
+        mixed = logits[0]
+        if settings.guided:
+            cells = (drafts.done[:, None] + torch.arange(mixed.shape[1], device=device)).clamp(max=n - 1)
+            mixed = logits[1] + scales[cells - n_known][..., None] * (logits[0] - logits[1])
+        target = code_probs(mixed, settings.temperature, settings.top_k, settings.top_p)
+        start = drafts.done.cpu()
+        decided = check(drafts, target, queries.to(device), k, generator, stats).cpu()
+        rows, t = (decided >= 0).nonzero(as_tuple=True)
+        ordered[rows, start[rows] + t] = decided[rows, t]
+        fed = torch.where(torch.arange(n, device=device) < drafts.done[:, None], ordered.to(device), drafts.codes)
+        for s in streams:  # decided codes and the proposals in flight, for the next round to feed
+            s.seq[:, s.length + 1 :: 2] = (layout.code_offset + fed).repeat(len(s.branches), 1)
+        if stats is not None:
+            stats.forwards += 1
+        if bar is not None:
+            bar.update(int(drafts.done.min()) - int(start.min()))
+        first = False
+
+
 @torch.inference_mode()
 def decode_grids(
     model: GPT,
@@ -172,10 +257,14 @@ def decode_grids(
     kv_cache: bool = True,
     prepack: bool = True,
     bar: tqdm | None = None,
+    speculative: int = 0,
+    stats: SpeculativeStats | None = None,
 ) -> torch.Tensor:
     """The one decoding loop: ``(B, H, W)`` codes after the conditions ``prefixes``.
 
     ``prefixes``: the conditional branch ``(B, P)`` and, when guided, the unconditional one ``(B, P')``.
+    ``speculative``: proposals in flight per image (0: one cell per step, or ``settings.steps``); needs
+    the KV cache. ``stats`` collects what speculative rounds did.
     The model's KV caches, mask cache and context length are put back as the caller had them.
     """
     B, n = prefixes[0].shape[0], layout.num_positions
@@ -200,8 +289,11 @@ def decode_grids(
             for s in streams:
                 model.set_kv_cache(s.seq.shape[0], max_seq_length=need, device=device, dtype=dtype)
                 s.cache = [block.attn.kv_cache for block in model.transformer.h]
+        k = lookahead(speculative, n, n_gen, streams) if kv_cache else 0
+        if k:
+            speculate(model, layout, streams, settings, ordered, n_known, k, generator, bar, stats)
         done = n_known
-        for k in counts:
+        for k in [] if k else counts:
             scale = guidance_scale(settings.guidance, done - n_known, n_gen, settings.schedule, settings.power)
             new = decode_step(model, layout, streams, settings, done, k, scale if settings.guided else None,
                               kv_cache, generator)
@@ -225,12 +317,13 @@ def _chunked(
     prepack: bool,
     progress: bool,
     batch_size: int | None,
+    speculative: int,
 ) -> torch.Tensor:
     """``decode_grids`` over chunks of the batch that fit the memory, with one progress bar, packing once."""
     B, H, W = prefixes[0].shape[0], layout.height, layout.width
     grid, mask = known_cells(known, known_mask, B, layout)  # checked once for the whole batch
     n_gen = layout.num_positions - int(mask[0].sum())
-    per_chunk = settings.steps or n_gen  # forward passes per chunk: the progress bar's unit
+    per_chunk = n_gen if speculative else settings.steps or n_gen  # the bar counts steps, or cells when speculative
     need = max(p.shape[1] for p in prefixes) + 2 * layout.num_positions
     size = chunk_size(model, len(prefixes), need, batch_size)
     generator = make_generator(seed, model.lm_head.weight.device)
@@ -242,7 +335,7 @@ def _chunked(
             part = replace(settings, order=_rows(settings.order, lo, hi, B))
             out.append(decode_grids(
                 model, layout, [p[lo:hi] for p in prefixes], part, grid[lo:hi].view(-1, H, W),
-                mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar,
+                mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar, speculative,
             ))
     return torch.cat(out)
 
@@ -267,6 +360,7 @@ def generate(
     known_mask: torch.Tensor | None = None,
     seed: int | torch.Generator | None = None,
     batch_size: int | None = None,
+    speculative: int = 0,
     kv_cache: bool = True,
     prepack: bool = True,
     progress: bool = False,
@@ -291,6 +385,9 @@ def generate(
         seed: an int or a ``torch.Generator`` (on the model's device) for reproducible samples.
         batch_size: images per forward batch; default: as many as keep the KV cache under 1 GiB
             (``CACHE_BUDGET``), so 10,000 images run in chunks rather than out of memory.
+        speculative: lossless speculative decoding with up to this many cells proposed ahead per image
+            (``rar_llm.sampling.speculative``): fewer forwards, samples distributed exactly as with 0,
+            one cell per forward. Not with ``steps``.
         kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
         prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.sampling.prepack``).
         progress: show a tqdm bar over the steps.
@@ -313,7 +410,18 @@ def generate(
             raise ValueError("no class ids given; pass one class id or a list of them")
         cond, uncond = classes[:, None], torch.full_like(classes, layout.null_class)[:, None]
     prefixes = [cond, uncond] if settings.guided else [cond]
-    return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size)
+    check_speculative(speculative, settings, kv_cache)
+    return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size,
+                    speculative)
+
+
+def check_speculative(speculative: int, settings: SamplingSettings, kv_cache: bool) -> None:
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+        raise ValueError(f"speculative={speculative!r} must be an integer >= 0 (cells proposed ahead; 0: off)")
+    if speculative and settings.steps is not None:
+        raise ValueError("speculative decoding and steps (parallel decoding) exclude each other; drop one")
+    if speculative and not kv_cache:
+        raise ValueError("speculative decoding runs on the KV cache; drop kv_cache=False")
 
 
 def generate_from_prompt(model: GPT, prompt: str | Sequence[int], **kwargs) -> torch.Tensor:

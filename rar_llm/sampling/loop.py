@@ -232,7 +232,7 @@ def speculate(
             mixed = logits[1] + scales[cells - n_known][..., None] * (logits[0] - logits[1])
         target = code_probs(mixed, settings.temperature, settings.top_k, settings.top_p)
         start = drafts.done.cpu()
-        decided = check(drafts, target, queries.to(device), k, generator, stats).cpu()
+        decided = check(drafts, target, queries.to(device), k, generator, stats, settings.temperature == 0).cpu()
         rows, t = (decided >= 0).nonzero(as_tuple=True)
         ordered[rows, start[rows] + t] = decided[rows, t]
         fed = torch.where(torch.arange(n, device=device) < drafts.done[:, None], ordered.to(device), drafts.codes)

@@ -63,16 +63,21 @@ def accepts(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tens
     return u * q_x < p_x
 
 
+def pick(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
+    """A draw from ``probs``; greedy takes the best code and leaves the generator untouched."""
+    return probs.argmax(-1) if greedy else draw(probs, generator)
+
+
 def check(
     drafts: Drafts, target: torch.Tensor, queries: torch.Tensor, k: int, generator: torch.Generator | None,
-    stats: SpeculativeStats | None = None,
+    stats: SpeculativeStats | None = None, greedy: bool = False,
 ) -> torch.Tensor:
     """One round's verdict; updates ``drafts`` and returns the decided codes by cell, ``-1`` where undecided.
 
     ``target``: ``(B, J, K)`` the model's (guided, filtered) distribution at the cells ``done + t``, read at
     the pending proposals (``t < pending``, exact given the proposals before them) and at the
     ``queries`` cells after them (``t < pending + queries``; the first one exact, the rest new proposals).
-    At most ``k`` proposals stay in flight.
+    At most ``k`` proposals stay in flight. ``greedy`` (one-hot targets, temperature 0) draws no random numbers.
     """
     B, J, _ = target.shape
     n = drafts.codes.shape[1]
@@ -82,7 +87,7 @@ def check(
     is_query = (t >= pending) & (t < pending + queries[:, None])
     # new proposals at the query cells: the first query sees every pending proposal, so once they are all
     # accepted its draw is exact (its proposal distribution is its target: accepted with probability 1)
-    proposed = draw(target, generator)
+    proposed = pick(target, generator, greedy)
     rows = torch.arange(B, device=target.device)[:, None].expand(B, J)
     drafts.codes[rows[is_query], cell[is_query]] = proposed[is_query]
     drafts.probs[rows[is_query], cell[is_query]] = target[is_query]
@@ -90,7 +95,7 @@ def check(
     q = drafts.probs[rows, cell]  # (B, J, K)
     p_x = target.gather(2, codes[..., None])[..., 0]
     q_x = q.gather(2, codes[..., None])[..., 0]
-    u = torch.rand(B, J, generator=generator, device=target.device)
+    u = torch.zeros(B, J, device=target.device) if greedy else torch.rand(B, J, generator=generator, device=target.device)
     ok = accepts(p_x, q_x, u) | (t == pending)
     checked = (t <= pending) & (t < pending + queries[:, None])
     run = (ok & checked).long().cumprod(1).sum(1)  # leading accepted cells
@@ -107,7 +112,7 @@ def check(
         residual = (target[r, at] - q[r, at]).clamp(min=0)
         empty = residual.sum(-1, keepdim=True) <= 0  # p == q to rounding: p itself
         residual = torch.where(empty, target[r, at], residual)
-        decided[r, at] = draw(residual / residual.sum(-1, keepdim=True), generator)
+        decided[r, at] = pick(residual / residual.sum(-1, keepdim=True), generator, greedy)
     start = drafts.done.clone()
     drafts.done = drafts.done + run + rejected.long()
     drafts.pending = (start + drafts.pending + queries - drafts.done).clamp(0, k)

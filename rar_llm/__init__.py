@@ -8,7 +8,7 @@ model configs with litgpt when they load; ``vllm_generate`` needs vLLM, ``hf_gen
 
 The package's layers, bottom first (a module imports only from its own layer or below):
 ``vocab``, ``permute``, ``outputs``, ``nets``, ``sampling.settings``, ``data.shards`` (no torch model code);
-``text``, ``tokenizers``, ``sampling.decoding`` (no litgpt); ``configs``, ``checkpoint`` (the model);
+``text``, ``tokenizers``, ``sampling.decoding``, ``sampling.speculative`` (no litgpt); ``configs``, ``checkpoint`` (the model);
 ``sampling`` (decoding loops); ``data``, ``eval``, ``serve``, ``extend``; the commands
 (``sampling.cli``, ``demo``, ``__main__``).
 """
@@ -32,6 +32,7 @@ _LAZY = {  # name -> module; imported on first use
     "RAR_PRESETS": "rar_llm.sampling.settings",
     "generate": "rar_llm.sampling.loop",
     "generate_from_prompt": "rar_llm.sampling.loop",
+    "SpeculativeStats": "rar_llm.sampling.speculative",
     "hf_generate": "rar_llm.sampling.hf",
     "vllm_generate": "rar_llm.serve.batch",
     "make_llm": "rar_llm.serve.batch",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from rar_llm.sampling.hf import hf_generate
     from rar_llm.sampling.loop import generate, generate_from_prompt
     from rar_llm.sampling.settings import RAR_PRESETS, SamplingSettings
+    from rar_llm.sampling.speculative import SpeculativeStats
     from rar_llm.serve.batch import make_llm, vllm_generate
     from rar_llm.serve.export import export, import_hf
     from rar_llm.tokenizers import load_tokenizer

@@ -11,7 +11,7 @@ import torch
 
 from rar_llm.checkpoint import load_model
 from rar_llm.sampling.decoding import class_ids
-from rar_llm.sampling.loop import generate
+from rar_llm.sampling.loop import check_speculative, generate
 from rar_llm.sampling.prepack import prepacked
 from rar_llm.sampling.settings import RAR_PRESETS, Preset, SamplingSettings
 from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, image_grid, to_pixels
@@ -31,6 +31,7 @@ def sample(
     seed: int = 0,
     tokenizer: str | CodeDecoder | None = None,
     batch_size: int = 32,
+    speculative: int = 0,
     device: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     engine: Literal["litgpt", "vllm"] = "litgpt",
@@ -52,6 +53,8 @@ def sample(
             weights file, or an object with ``decode``). None draws the digits codebook as 17 grey
             levels (code k is k/16) and refuses other codebooks.
         batch_size: images generated together.
+        speculative: lossless speculative decoding with up to this many cells proposed ahead per image
+            (fewer forwards, the same distribution; litgpt engine; 0: one cell per forward).
         device: torch device to run on (default: CUDA when available, else the CPU).
         dtype: weights dtype; ``auto``: bfloat16 where the device runs it natively, else float32.
         engine: ``litgpt`` (``rar_llm.generate``) or ``vllm`` (``rar_llm.serve.plugin``, needs vLLM installed:
@@ -63,6 +66,9 @@ def sample(
     check_run(out_dir, num_per_class, batch_size, dtype, engine, overwrite)
     if preset is not None:
         sampling = with_preset(sampling, preset)
+    check_speculative(speculative, sampling, kv_cache=True)
+    if speculative and engine == "vllm":
+        raise ValueError("--speculative needs --engine litgpt: the vLLM plugin decodes one cell per engine step")
     name = f"--tokenizer {tokenizer}" if isinstance(tokenizer, str) else "the tokenizer"
     if isinstance(tokenizer, str):
         from rar_llm.tokenizers import load_tokenizer
@@ -80,7 +86,8 @@ def sample(
         model = load_model(checkpoint_dir, device, None if dtype == "auto" else DTYPES[dtype])
         gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
         with prepacked(model):  # pack the CPU weights once for the whole run
-            codes = generate(model, labels, settings=sampling, seed=gen, batch_size=batch_size, progress=True)
+            codes = generate(model, labels, settings=sampling, seed=gen, batch_size=batch_size, progress=True,
+                             speculative=speculative)
     images = torch.cat([to_pixels(c, layout, tokenizer) for c in codes.split(batch_size)])  # on the CPU
     out_dir.mkdir(parents=True, exist_ok=True)
     image_grid(images, rows=len(classes)).save(out_dir / "samples.png")

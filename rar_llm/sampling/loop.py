@@ -299,6 +299,8 @@ def decode_grids(
                               kv_cache, generator)
             ordered[:, done : done + k] = new.cpu()
             done += k
+            if stats is not None:
+                stats.forwards, stats.cells = stats.forwards + 1, stats.cells + B * k
             if bar is not None:
                 bar.update(1)
     grid = torch.empty(B, n, dtype=torch.long).scatter_(1, perm, ordered)
@@ -318,6 +320,7 @@ def _chunked(
     progress: bool,
     batch_size: int | None,
     speculative: int,
+    stats: SpeculativeStats | None,
 ) -> torch.Tensor:
     """``decode_grids`` over chunks of the batch that fit the memory, with one progress bar, packing once."""
     B, H, W = prefixes[0].shape[0], layout.height, layout.width
@@ -335,7 +338,7 @@ def _chunked(
             part = replace(settings, order=_rows(settings.order, lo, hi, B))
             out.append(decode_grids(
                 model, layout, [p[lo:hi] for p in prefixes], part, grid[lo:hi].view(-1, H, W),
-                mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar, speculative,
+                mask[lo:hi].view(-1, H, W), generator, kv_cache, prepack, bar, speculative, stats,
             ))
     return torch.cat(out)
 
@@ -361,6 +364,7 @@ def generate(
     seed: int | torch.Generator | None = None,
     batch_size: int | None = None,
     speculative: int = 0,
+    stats: SpeculativeStats | None = None,
     kv_cache: bool = True,
     prepack: bool = True,
     progress: bool = False,
@@ -388,6 +392,8 @@ def generate(
         speculative: lossless speculative decoding with up to this many cells proposed ahead per image
             (``rar_llm.sampling.speculative``): fewer forwards, samples distributed exactly as with 0,
             one cell per forward. Not with ``steps``.
+        stats: a ``SpeculativeStats`` to fill with the forwards run, the cells decided and (speculative) the
+            acceptance by lookahead.
         kv_cache: False recomputes the whole sequence every step (a reference for tests and benchmarks).
         prepack: on the CPU, run the linear layers on prepacked weights for the call (``rar_llm.sampling.prepack``).
         progress: show a tqdm bar over the steps.
@@ -412,7 +418,7 @@ def generate(
     prefixes = [cond, uncond] if settings.guided else [cond]
     check_speculative(speculative, settings, kv_cache)
     return _chunked(model, layout, prefixes, settings, known, known_mask, seed, kv_cache, prepack, progress, batch_size,
-                    speculative)
+                    speculative, stats)
 
 
 def check_speculative(speculative: int, settings: SamplingSettings, kv_cache: bool) -> None:

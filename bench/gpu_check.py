@@ -24,6 +24,10 @@ after every part, so a run cut short keeps what it measured):
                 decoding included, random weights; ``rar_llm.generate`` eager in fp32 (the paper's setting) and bf16,
                 and a static-shape loop (gpt-fast style) under ``torch.compile`` with CUDA graphs (CUDA only: it lives
                 here, not in rar_llm, until a GPU shows it wins).
+  speculative   ``generate(..., speculative=k)`` against ``speculative=0`` at batch 1 (latency) and 8, RAR-B's guidance,
+                bf16 on CUDA: seconds per image, forwards per image and the acceptance by lookahead (random weights: the
+                acceptance is not a trained model's, the cost of a round is what this measures), and greedy codes
+                equal to the one-cell-per-step loop (fp32).
   memory        the peak memory of each part (CUDA: torch.cuda.max_memory_allocated; CPU: resident set size).
 
 The paper's reference (Tab. 5): RAR-B 17.0 img/s on an A100, fp32, batch 128, VQ decoding included.
@@ -51,7 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "memory"]
 LAUNCH_ENV = "RAR_GPU_CHECK_LITGPT"  # set: this file runs litgpt's CLI (with the probes below) instead of the check
 PAPER_RAR_B_IMG_S = 17.0  # RAR Tab. 5: A100, fp32, batch 128, VQ decoding included
 
@@ -1118,6 +1122,47 @@ def part_sampling(ctx: Ctx) -> dict:
     return {"status": "ok" if ok else "failed", "figures": figures, "details": details}
 
 
+# ---- part: speculative ----------------------------------------------------------------------------------
+def part_speculative(ctx: Ctx) -> dict:
+    import torch
+
+    from dataclasses import replace
+
+    from rar_llm.sampling.loop import generate
+    from rar_llm.sampling.settings import RAR_PRESETS
+    from rar_llm.sampling.speculative import SpeculativeStats
+
+    preset = RAR_PRESETS["rar-b"]
+    classes = [i % ctx.layout.num_classes for i in range(8)]
+    figures, details = {}, {"setting": f"{ctx.model_name}, {ctx.layout.num_positions} codes, {preset}, random weights"}
+    base32 = ctx.build_model(torch.float32).eval()
+    greedy = replace(preset, temperature=0)
+    ref = generate(base32, classes[:4], settings=greedy, seed=0)
+    got = generate(base32, classes[:4], settings=greedy, seed=0, speculative=4)
+    figures["greedy_agreement"] = float((got == ref).float().mean())
+    say("speculative", "speculative=4 vs speculative=0, greedy, fp32: codes equal", figures["greedy_agreement"])
+    del base32
+    model = ctx.build_model(torch.bfloat16 if ctx.cuda else torch.float32).eval()
+    repeats = 1 if ctx.tiny else 3
+    for batch in (1, 8):
+        for k in (0, 4, 8):
+            stats = SpeculativeStats()
+            seconds = timed(ctx, lambda: generate(model, classes[:batch], settings=preset, seed=0, speculative=k,
+                                                  stats=stats), repeats)
+            forwards = stats.forwards / (repeats + 1)
+            figures[f"b{batch}_k{k}_s_per_image"] = seconds / batch
+            figures[f"b{batch}_k{k}_forwards"] = forwards
+            if k:
+                details[f"b{batch}_k{k}_acceptance"] = stats.acceptance()
+                figures[f"b{batch}_k{k}_wall_vs_k0"] = figures[f"b{batch}_k0_s_per_image"] / (seconds / batch)
+            say("speculative", f"batch {batch}, speculative={k}", f"{seconds / batch * 1000:.1f} ms/image, "
+                f"{forwards:.1f} forwards" + (f", {figures[f'b{batch}_k0_s_per_image'] / (seconds / batch):.2f}x "
+                                              f"k=0's speed" if k else ""))
+    del model
+    free_memory()
+    return {"status": "ok" if figures["greedy_agreement"] == 1.0 else "failed", "figures": figures, "details": details}
+
+
 # ---- part: memory ---------------------------------------------------------------------------------------
 def part_memory(ctx: Ctx, parts: dict) -> dict:
     figures = {}
@@ -1208,7 +1253,8 @@ def main(argv=None) -> int:
         report = Report(args.out, meta(ctx), merge=args.merge)
         print(f"gpu_check: {report.data['meta']}", flush=True)
         funcs = {"tests": part_tests, "tokenize": part_tokenize, "attention": part_attention,
-                 "training": part_training, "finetune_full": part_finetune_full, "sampling": part_sampling}
+                 "training": part_training, "finetune_full": part_finetune_full, "sampling": part_sampling,
+                 "speculative": part_speculative}
         for name in [p for p in PARTS if p in args.parts]:
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()

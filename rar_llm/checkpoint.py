@@ -66,7 +66,7 @@ def read_config(checkpoint_dir: Path) -> Config:
     try:
         return Config.from_file(path)
     except Exception as e:  # yaml errors, unknown keys, a config name litgpt does not know
-        raise ValueError(f"{path}: not a litgpt model config ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a litgpt model config ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

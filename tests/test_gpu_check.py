@@ -1,5 +1,6 @@
 """``python bench/gpu_check.py --device cpu --tiny``: every part of the GPU check runs on the CPU, with finite figures."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "memory"]
 
 
 def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
@@ -20,6 +21,9 @@ def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
     assert report["meta"]["device"] == "cpu" and report["meta"]["tiny"] is True
     parts = report["parts"]
     assert list(parts) == PARTS
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    assert parts["vllm"]["status"] == ("ok" if vllm_installed else "skipped"), parts["vllm"]["details"]
+    parts = {name: part for name, part in parts.items() if name != "vllm" or vllm_installed}
     for name, part in parts.items():
         assert part["status"] == "ok", (name, part["details"])
         assert part["figures"], name

@@ -131,3 +131,24 @@ def test_bad_settings_are_refused_before_running(vllm, llm):
                      use_tqdm=False)
     with pytest.raises(ValueError, match="parallel decoding"):
         vllm_generate(llm, [1], steps=8)
+
+
+def test_gpu_check_vllm_part_on_the_cpu_build(tmp_path):
+    """``bench/gpu_check.py --device cpu --tiny --parts vllm``: the GPU check's serving part, here on vLLM's CPU build."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "gpu_check.json"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny", "--parts", "vllm",
+           "--out", str(out), "--work_dir", str(tmp_path / "work")]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    part = json.loads(out.read_text())["parts"]["vllm"]
+    fig = part["figures"]
+    assert part["status"] == "ok" and part["details"]["model_runner"] == "legacy (V1)"  # the CPU build's runner
+    assert fig["greedy_agreement_plain"] == fig["greedy_agreement_guided"] == 1.0
+    assert fig["guided_calls_failed"] == 0 and fig["unpaired_steps"] == 0
+    assert fig["b4_vllm_img_s"] > 0 and fig["b8_rar_llm_img_s"] > 0

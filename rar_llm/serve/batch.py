@@ -37,7 +37,8 @@ def make_llm(model_dir: str | Path, max_images: int = 64, guidance: bool = True,
 
     ``max_images``: images decoded together (``max_num_seqs`` = twice that with guidance). The engine
     runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set), uses ``RARLogitsProcessor`` and
-    ``RARScheduler``; ``kwargs`` go to ``vllm.LLM`` (e.g. ``dtype="float32"``).
+    ``RARScheduler`` on whichever model runner vLLM picks (it prints which); ``kwargs`` go to ``vllm.LLM``
+    (e.g. ``dtype="float32"``).
     """
     from vllm import LLM
 
@@ -52,7 +53,15 @@ def make_llm(model_dir: str | Path, max_images: int = 64, guidance: bool = True,
     if not sized and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         settings["kv_cache_memory_bytes"] = kv_cache_bytes(model_dir, settings["max_num_seqs"], layout.seq_len)
     settings.update(kwargs)
-    return LLM(**settings)
+    llm = LLM(**settings)
+    print(f"rar_llm: vLLM runs RAR on its {model_runner(llm)} model runner", flush=True)
+    return llm
+
+
+def model_runner(llm) -> str:
+    """Which of vLLM's model runners the engine uses: ``V2`` (vLLM's default on GPUs) or ``legacy (V1)``
+    (the CPU build, or ``VLLM_USE_V2_MODEL_RUNNER=0``); ``RARLogitsProcessor`` serves either."""
+    return "V2" if getattr(llm.llm_engine.vllm_config, "use_v2_model_runner", False) else "legacy (V1)"
 
 
 def kv_cache_bytes(model_dir: str | Path, seqs: int, seq_len: int) -> int:

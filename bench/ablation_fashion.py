@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,10 +81,16 @@ class CachedDecoder:
         return out
 
 
-def prepare(work_dir: Path, vq_epochs: float, cnn_epochs: float) -> tuple[Path, VQTokenizer, CNNClassifier]:
-    """The tokenizer, the classifier and the data folder, made once in ``work_dir``."""
+def prepare(work_dir: Path, vq_epochs: float, cnn_epochs: float,
+            train_per_class: int | None = None) -> tuple[Path, VQTokenizer, CNNClassifier]:
+    """The tokenizer, the classifier and the data folder, made once in ``work_dir``.
+
+    ``train_per_class``: the data folder trains on only the first that many training images of each
+    class (a fixed subset, ``data-{N}pc``); the tokenizer and the classifier are the full-data ones.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
-    vq_path, cnn_path, data_dir = work_dir / "vq256-7x7.safetensors", work_dir / "cnn.safetensors", work_dir / "data"
+    vq_path, cnn_path = work_dir / "vq256-7x7.safetensors", work_dir / "cnn.safetensors"
+    data_dir = work_dir / ("data" if train_per_class is None else f"data-{train_per_class}pc")
     if not vq_path.is_file():
         train_vq(vq_path, epochs=vq_epochs)
     if not cnn_path.is_file():
@@ -91,12 +98,16 @@ def prepare(work_dir: Path, vq_epochs: float, cnn_epochs: float) -> tuple[Path, 
     tok, clf = VQTokenizer.load(vq_path), CNNClassifier.load(cnn_path)
     if not (data_dir / "meta.json").is_file():
         images, labels = load_split(None, "train")
+        if train_per_class is not None:
+            keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:train_per_class] for c in range(10)]))
+            images, labels = images[keep], labels[keep]
         test_images, test_labels = load_split(None, "test")
         held = np.concatenate([np.flatnonzero(test_labels == c)[:HELD_OUT_PER_CLASS] for c in range(10)])
         held.sort()
         info = {"source": "fashion-mnist", "tokenizer": str(vq_path),
-                "val": f"the first {HELD_OUT_PER_CLASS} test images of each class"}
-        tmp = work_dir / "data.tmp"
+                "val": f"the first {HELD_OUT_PER_CLASS} test images of each class",
+                "train": "all 60,000" if train_per_class is None else f"the first {train_per_class} of each class"}
+        tmp = work_dir / f"{data_dir.name}.tmp"
         with ShardWriter(tmp, tok.codebook_size, *tok.grid, 10, class_names=CLASS_NAMES, info=info) as w:
             w.add("train", tok.encode(to_float(images)).numpy(), labels)
             w.add("val", tok.encode(to_float(test_images[held])).numpy(), test_labels[held])
@@ -147,11 +158,13 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
          variants: list[str] = list(VARIANTS), out: Path = Path("ablation_fashion.json"),
          work_dir: Path = Path("out/ablation_fashion"), grids: Path | None = Path("bench/results/ablation_fashion"),
          vq_epochs: float = 1.5, cnn_epochs: float = 3.0, n_embd: int | None = 96, n_layer: int | None = None,
-         merge: list[Path] | None = None) -> None:
+         train_per_class: int | None = None, merge: list[Path] | None = None) -> None:
     """Run the variants for seeds first_seed.. (results saved to ``out`` after every run); or ``--merge`` files.
 
     The model is rar-tiny (4 layers, 4 heads) at width ``n_embd`` (MLP 4x; 96: 0.65M parameters), sized
     so that a run takes about 5 minutes on one idle core. ``per_class`` samples per class are scored.
+    ``train_per_class``: train on a fixed subset (the data-limited regime); every scored run's code grids
+    are saved under ``grids`` as ``codes-{variant}-s{seed}.npy`` (decode them with the tokenizer there).
     """
     if merge:
         rows = ablation_digits.merged_rows(merge)
@@ -163,7 +176,7 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     torch.set_num_threads(threads)
-    data_dir, tok, clf = prepare(work_dir, vq_epochs, cnn_epochs)
+    data_dir, tok, clf = prepare(work_dir, vq_epochs, cnn_epochs, train_per_class)
     decoder = CachedDecoder(tok, work_dir)
     layout = VocabLayout(tok.codebook_size, *tok.grid, 10)
     overrides = {k: v for k, v in (("n_embd", n_embd), ("n_layer", n_layer)) if v is not None}
@@ -184,13 +197,18 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
             m = evaluate(codes.numpy(), classes.numpy(), data_dir, model=model, layout=layout, seed=seed,
                          tokenizer=decoder, classifier=clf)
             m |= {"seed": seed, "best_step": best_step, "curve": curve, "train_seconds": round(t_train),
+                  "train_per_class": train_per_class,
                   "seconds": round(time.perf_counter() - t0), "steps": steps, "guidance": guidance,
                   "params": sum(p.numel() for p in model.parameters())}
             rows.setdefault(variant, []).append(m)
             print(f"seed {seed} {variant:12s} best step {best_step:4d} "
                   + " ".join(f"{k} {m[k]:.3f}" for k in SHOWN) + f"  ({m['seconds']} s)", flush=True)
-            if grids is not None and seed == 0:
+            if grids is not None:
                 grids.mkdir(parents=True, exist_ok=True)
+                np.save(grids / f"codes-{variant}-s{seed}.npy", codes.numpy().astype(np.uint8))
+                if not (grids / "vq256-7x7.safetensors").is_file():  # the tokenizer that decodes them
+                    shutil.copyfile(work_dir / "vq256-7x7.safetensors", grids / "vq256-7x7.safetensors")
+            if grids is not None and seed == 0:
                 pick = torch.cat([torch.arange(c * per_class, c * per_class + 10) for c in range(10)])
                 image_grid(tok.decode(codes[pick]), rows=10).save(grids / f"samples-{variant}.png")
             out.parent.mkdir(parents=True, exist_ok=True)

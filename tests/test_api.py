@@ -347,7 +347,8 @@ def test_dependencies_point_one_way():
 LAYERS = [
     ["rar_llm.vocab", "rar_llm.permute", "rar_llm.outputs", "rar_llm.nets", "rar_llm.sampling.settings",
      "rar_llm.data.shards"],
-    ["rar_llm.text", "rar_llm.tokenizers", "rar_llm.sampling.decoding", "rar_llm.sampling.speculative"],
+    ["rar_llm.text", "rar_llm.tokenizers", "rar_llm.sampling.decoding", "rar_llm.sampling.speculative",
+     "rar_llm.optim"],
     ["rar_llm.configs", "rar_llm.checkpoint"],
     ["rar_llm.sampling"],
     ["rar_llm.data", "rar_llm.eval", "rar_llm.serve", "rar_llm.extend", "rar_llm.tokenizers.train_vq"],

@@ -33,7 +33,8 @@ def test_rar_recipes_parse_and_build_at_rar_size(size):
         assert isinstance(cfg.data, RARData) and cfg.data.total_samples == 250_000 * 2048
         assert cfg.train.global_batch_size == 2048 and cfg.train.max_steps == 250_000
         assert cfg.train.lr_warmup_steps == 62_500 and cfg.precision == "bf16-mixed"
-        assert cfg.optimizer["init_args"] == {"lr": 4e-4, "betas": [0.9, 0.96], "weight_decay": 0.03}
+        assert cfg.optimizer["class_path"] == "rar_llm.optim.RARAdamW"  # RAR's clipping and decay groups
+        assert cfg.optimizer["init_args"] == {"lr": 4e-4, "betas": [0.9, 0.96], "weight_decay": 0.03, "max_norm": 1.0}
     name = Path(cfg.checkpoint_dir).name
     with torch.device("meta"):
         model = GPT(model_config(name, VocabLayout.load("maskgit_imagenet")))

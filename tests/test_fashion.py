@@ -318,3 +318,36 @@ def test_sample_refuses_a_tokenizer_of_another_codebook_before_loading_weights(v
     with pytest.raises(ValueError, match=f"--tokenizer {vq_file} has 16 codes on a 7x7 grid"):
         sample(tiny_checkpoint, tmp_path / "s", tokenizer=str(vq_file))
     assert not (tmp_path / "s").exists()
+
+
+def test_train_vq_and_classifier_on_an_image_folder(tmp_path):
+    """Both small networks train on one's own images: a class per subfolder, any size and mode."""
+    from PIL import Image
+
+    from rar_llm.eval.classifier import CNNClassifier, train_classifier
+    from rar_llm.tokenizers.vq import VQTokenizer
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circles", "stripes", "noise"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(20):
+            a = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) if c == 2 else np.zeros((40, 36, 3), np.uint8)
+            if c == 1:
+                a[::4] = 255
+            if c == 0:
+                yy, xx = np.mgrid[:40, :36]
+                a[(yy - 20) ** 2 + (xx - 18) ** 2 < (6 + i % 5) ** 2] = 200
+            Image.fromarray(a).convert("L" if i % 2 else "RGB").save(tmp_path / "imgs" / name / f"{i}.png")
+    vq = train_vq(tmp_path / "vq.safetensors", image_dir=tmp_path / "imgs", image_size=28, val_fraction=0.1,
+                  **TINY_VQ)
+    report = json.loads((tmp_path / "vq.report.json").read_text())
+    assert report["split"].startswith("every 10th image of") and "(6 held-out images)" in report["split"]
+    assert VQTokenizer.load(vq).image_size == (28, 28)
+    clf_report = train_classifier(tmp_path / "cnn.safetensors", image_dir=tmp_path / "imgs", tokenizer=vq, epochs=2)
+    assert clf_report["classes"] == ["circles", "noise", "stripes"] and 0 <= clf_report["test_accuracy"] <= 1
+    assert CNNClassifier.load(tmp_path / "cnn.safetensors")(torch.zeros(1, 1, 28, 28)).shape == (1, 3)
+    with pytest.raises(ValueError, match="not both"):
+        train_vq(tmp_path / "x.safetensors", image_dir=tmp_path / "imgs", source_dir=tmp_path, **TINY_VQ)
+    with pytest.raises(ValueError, match="grid 7 does not fit 32x32 images"):
+        train_vq(tmp_path / "y.safetensors", image_dir=tmp_path / "imgs", image_size=32, **TINY_VQ)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

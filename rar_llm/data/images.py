@@ -320,6 +320,44 @@ def split_images(image_dir: Path, val_dir: Path | None, val_fraction: float) -> 
     return classes, [x for x, h in zip(items, held) if not h], val_items
 
 
+def grey_splits(image_dir: Path, image_size: int, val_fraction: float, val_dir: Path | None = None):
+    """``(classes, (train images, labels), (val images, labels))`` of an image folder, as grey uint8
+    ``(N, S, S)`` arrays: each image ADM-centre-cropped to ``image_size``. For the small networks
+    (``rar-llm train-vq`` / ``train-classifier``) that take Fashion-MNIST's arrays; an unreadable image is
+    a ValueError naming it."""
+    positive_int("image_size", image_size)
+    if not 0 < val_fraction < 1 and val_dir is None:
+        raise ValueError(f"val_fraction must be in (0, 1) to hold out images (or give val_dir), got {val_fraction}")
+    classes, train, val = split_images(Path(image_dir), val_dir, val_fraction)
+
+    def arrays(items):
+        out = np.empty((len(items), image_size, image_size), np.uint8)
+        for i, (path, _) in enumerate(tqdm(items, desc="reading images", unit="img", leave=False)):
+            try:
+                with Image.open(path) as img:
+                    out[i] = np.asarray(center_crop_adm(to_8bit(img, "L"), image_size))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable image ({e}); remove or replace it") from None
+        return out, np.array([label for _, label in items], np.int64)
+
+    return classes, arrays(train), arrays(val)
+
+
+def grey_train_test(source_dir: Path | None, image_dir: Path | None, image_size: int, val_fraction: float):
+    """What the small networks train and test on: ``(train images, labels, test images, labels, classes, what)``
+    from Fashion-MNIST's IDX files (``source_dir``, the default) or an image folder (``image_dir``: one
+    subfolder per class, every ``1 / val_fraction``-th image held out)."""
+    if image_dir is None:
+        from rar_llm.data.fashion import CLASS_NAMES, load_split
+
+        (train, labels), (test, test_labels) = load_split(source_dir, "train"), load_split(source_dir, "test")
+        return train, labels, test, test_labels, list(CLASS_NAMES), "test"
+    if source_dir is not None:
+        raise ValueError("give --image_dir or --source_dir (Fashion-MNIST's IDX files), not both")
+    classes, (train, labels), (test, test_labels) = grey_splits(image_dir, image_size, val_fraction)
+    return train, labels, test, test_labels, classes, f"every {round(1 / val_fraction)}th image of {image_dir}"
+
+
 def _report(writer: ShardWriter, num_classes: int, out_dir: Path, skipped: list[Path]) -> None:
     counts = {s: writer.num_samples(s) for s in ("train", "val")}
     print(f"Wrote {counts['train']} train and {counts['val']} val samples of {num_classes} classes to {out_dir}")

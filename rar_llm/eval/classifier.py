@@ -199,6 +199,9 @@ def train_classifier(
     out: Path,
     source_dir: Path | None = None,
     tokenizer: Path | None = None,
+    image_dir: Path | None = None,
+    image_size: int = 28,
+    val_fraction: float = 0.1,
     epochs: float = 3.0,
     seed: int = 0,
     threads: int | None = None,
@@ -206,16 +209,20 @@ def train_classifier(
 ) -> dict:
     """Train the evaluation CNN on Fashion-MNIST's training images; report its test accuracy.
 
+    ``image_dir`` trains it on an image folder instead (one subfolder per class, grey, ADM-centre-cropped to
+    ``image_size``; every ``1 / val_fraction``-th image held out for the accuracy).
+
     With ``tokenizer`` (a ``rar-llm train-vq`` file) it also reports the accuracy on the test images
     after a round trip through the tokenizer, and their PSNR: what the tokenizer loses.
     Writes ``out`` (safetensors) and ``NAME.report.json`` beside it; ``overwrite`` replaces those two only.
     """
-    from rar_llm.data.fashion import load_split, to_float
+    from rar_llm.data.fashion import to_float
+    from rar_llm.data.images import grey_train_test
 
     out, report_file = claim_net_files(out, overwrite)
     check_run(epochs, 128, 2e-3, threads)
-    images, labels = load_split(source_dir, "train")
-    test_images, test_labels = load_split(source_dir, "test")
+    images, labels, test_images, test_labels, classes, held_out = grey_train_test(source_dir, image_dir, image_size,
+                                                                                  val_fraction)
     if images.shape[1:] != test_images.shape[1:] or images.shape[1] != images.shape[2]:
         raise ValueError(f"{source_dir}: train images are {images.shape[1:]}, test images {test_images.shape[1:]}; "
                          "train-classifier needs square images of one size")
@@ -230,9 +237,9 @@ def train_classifier(
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    clf = fit_cnn(to_float(images), labels, epochs=epochs, seed=seed)
-    report = {"test_accuracy": clf.accuracy(to_float(test_images), test_labels),
-              "train_seconds": round(time.perf_counter() - t0), "epochs": epochs, "seed": seed}
+    clf = fit_cnn(to_float(images), labels, num_classes=len(classes), epochs=epochs, seed=seed)
+    report = {"test_accuracy": clf.accuracy(to_float(test_images), test_labels), "test": held_out,
+              "classes": classes, "train_seconds": round(time.perf_counter() - t0), "epochs": epochs, "seed": seed}
     if tok is not None:
         from rar_llm.tokenizers.vq import reconstruction_report
 

@@ -1,4 +1,5 @@
-"""``rar-llm train-vq``: the VQ tokenizer trained on Fashion-MNIST's training split, scored on its test split."""
+"""``rar-llm train-vq``: the VQ tokenizer trained on Fashion-MNIST's training split (or an image folder), scored on
+held-out images."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rar_llm.data.fashion import load_split, to_float
+from rar_llm.data.fashion import SIZE, to_float
+from rar_llm.data.images import grey_train_test
 from rar_llm.nets import check_run, claim_net_files, positive_int, shuffled_batches, write_report
 from rar_llm.tokenizers.vq import VQTokenizer, reconstruction_report, utilisation
 
@@ -18,6 +20,9 @@ from rar_llm.tokenizers.vq import VQTokenizer, reconstruction_report, utilisatio
 def train_vq(
     out: Path,
     source_dir: Path | None = None,
+    image_dir: Path | None = None,
+    image_size: int = 28,
+    val_fraction: float = 0.1,
     codebook_size: int = 256,
     grid: int = 7,
     width: int = 32,
@@ -36,6 +41,8 @@ def train_vq(
     Args:
         out: the ``.safetensors`` file to write.
         source_dir: the four IDX files (default: ``$FASHION_MNIST_DIR`` or Debian's folder).
+        image_dir: instead, an image folder (one subfolder per class, as ``rar-llm tokenize`` reads): grey,
+            ADM-centre-cropped to ``image_size``; every ``1 / val_fraction``-th image is held out.
         codebook_size, grid, width, dim: see :class:`VQTokenizer`.
         epochs: passes over the 60,000 training images (fractions allowed).
         batch_size, lr, seed: AdamW's batch and peak rate (cosine decay, 5 % warm-up); the seed fixes init and order.
@@ -46,8 +53,9 @@ def train_vq(
     check_run(epochs, batch_size, lr, threads)
     for name, value in (("codebook_size", codebook_size), ("grid", grid), ("width", width), ("dim", dim)):
         positive_int(name, value, minimum=2 if name == "codebook_size" else 1)
-    train_images = to_float(load_split(source_dir, "train")[0])
-    test_images = to_float(load_split(source_dir, "test")[0])
+    VQTokenizer.check_grid(grid, image_size if image_dir is not None else SIZE[0])  # before reading any image
+    train, _, test, _, _, held_out = grey_train_test(source_dir, image_dir, image_size, val_fraction)
+    train_images, test_images = to_float(train), to_float(test)
     side = train_images.shape[-1]
     if train_images.shape[-2:] != test_images.shape[-2:] or train_images.shape[-2] != side:
         raise ValueError(f"{source_dir}: train images are {tuple(train_images.shape[-2:])}, test images "
@@ -81,7 +89,7 @@ def train_vq(
     report, _ = reconstruction_report(tok, test_images)
     report |= {"train_utilisation": utilisation(tok.encode(train_images), codebook_size)["utilisation"],
                "steps": steps, "batch_size": batch_size, "epochs": epochs, "seed": seed,
-               "train_seconds": round(time.perf_counter() - t0), "split": f"test ({len(test_images):,} held-out images)"}
+               "train_seconds": round(time.perf_counter() - t0), "split": f"{held_out} ({len(test_images):,} held-out images)"}
     tok.save(out, report)
     write_report(report_file, {"config": tok.config, **report})
     print(json.dumps(report, indent=1))

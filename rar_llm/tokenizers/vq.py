@@ -61,14 +61,20 @@ class VQTokenizer(nn.Module, ImageTokenizer):
 
     channels = 1
 
-    def __init__(self, codebook_size: int = 256, grid: int = 7, image_size: int = 28, width: int = 32, dim: int = 32,
-                 decay: float = 0.9, dead_code: float = 2.0, commitment: float = 0.25) -> None:
-        super().__init__()
+    @staticmethod
+    def check_grid(grid: int, image_size: int) -> int:
+        """The downsampling factor (2 or 4) from ``image_size`` to ``grid``; a ValueError where none fits."""
         factor = image_size // grid
         if grid * factor != image_size or factor not in (2, 4):
             fits = [image_size // f for f in (2, 4) if image_size % f == 0]
             raise ValueError(f"grid {grid} does not fit {image_size}x{image_size} images: image_size / grid must be "
                              f"2 or 4 (grid {' or '.join(map(str, fits)) or 'none'})")
+        return factor
+
+    def __init__(self, codebook_size: int = 256, grid: int = 7, image_size: int = 28, width: int = 32, dim: int = 32,
+                 decay: float = 0.9, dead_code: float = 2.0, commitment: float = 0.25) -> None:
+        super().__init__()
+        factor = self.check_grid(grid, image_size)
         if codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
         self.config = {"codebook_size": codebook_size, "grid": grid, "image_size": image_size, "width": width,

@@ -68,6 +68,7 @@ class CachedDecoder:
 
     def __init__(self, tok: VQTokenizer, cache_dir: Path) -> None:
         self.tok, self.cache_dir = tok, cache_dir
+        self.image_size, self.channels = tok.image_size, tok.channels  # what evaluate checks its classifier against
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         if len(codes) < 5000:

@@ -175,8 +175,7 @@ def speculative_forward(model: GPT, s: Stream, drafts: Drafts, queries: torch.Te
     own cache slots; a row with less to feed starts earlier and recomputes cached slots, so every row
     has the same length. The first query sits in its training slot, the others follow it.
     """
-    P, rows = s.length, s.seq.shape[0]
-    branches = rows // drafts.done.shape[0]
+    P, branches = s.length, len(s.branches)
     dev = s.seq.device
     done, pending, queries = drafts.done.to(dev), drafts.pending.to(dev), queries.to(dev)
     q0 = 2 * (done + pending)  # slot of the first query after the conditions

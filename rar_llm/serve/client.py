@@ -117,10 +117,6 @@ def _post(url: str, body: dict, timeout: float) -> dict:
     return _request(urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}), timeout)
 
 
-def _get(url: str, timeout: float) -> dict:
-    return _request(url, timeout)
-
-
 def _field(answer: dict, url: str, *keys):
     """``answer[k0][k1]...``; a missing field is a ServerError (the server is not vLLM's API)."""
     try:
@@ -134,7 +130,7 @@ def _field(answer: dict, url: str, *keys):
 def served_model(url: str, timeout: float = 30) -> dict:
     """The first model the server lists (``id``, ``root``)."""
     url = url.rstrip("/") + "/v1/models"
-    return _field(_get(url, timeout), url, "data", 0)
+    return _field(_request(url, timeout), url, "data", 0)
 
 
 def check_layout(url: str, model: str, layout: Layout, timeout: float = 30) -> None:

@@ -107,8 +107,9 @@ def fit(model: GPT, data: RARData, data_dir: Path, layout: VocabLayout, steps: i
     step = 0
     while step < steps:
         for batch in loader:
-            logits = model(batch["input_ids"])
-            loss = chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:])
+            dev = model.lm_head.weight.device
+            logits = model(batch["input_ids"].to(dev))
+            loss = chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

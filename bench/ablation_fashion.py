@@ -117,7 +117,7 @@ def prepare(work_dir: Path, vq_epochs: float, cnn_epochs: float,
 
 
 def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, lr: float, eval_every: int,
-          layout: VocabLayout, overrides: dict) -> tuple[GPT, int, list[tuple[int, float]]]:
+          layout: VocabLayout, overrides: dict, device: str = "cpu") -> tuple[GPT, int, list[tuple[int, float]]]:
     """Train one variant; the model at its best held-out raster NLL, that step, and the NLL curve."""
     start, end, r_end, noise = VARIANTS[variant]
     data = RARData(data_dir=data_dir, total_samples=steps * batch_size, anneal_start=start, anneal_end=end,
@@ -128,6 +128,7 @@ def train(data_dir: Path, variant: str, seed: int, steps: int, batch_size: int, 
     model = GPT(model_config("rar-tiny", layout, **overrides))
     init_weights(model, layout=layout)
     model.max_seq_length = layout.seq_len
+    model.to(device)
     best_step, curve = ablation_digits.fit(model, data, data_dir, layout, steps, lr, eval_every,
                                            f"{variant} seed {seed}")
     return model, best_step, curve
@@ -159,20 +160,22 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
          variants: list[str] = list(VARIANTS), out: Path = Path("ablation_fashion.json"),
          work_dir: Path = Path("out/ablation_fashion"), grids: Path | None = Path("bench/results/ablation_fashion"),
          vq_epochs: float = 1.5, cnn_epochs: float = 3.0, n_embd: int | None = 96, n_layer: int | None = None,
-         train_per_class: int | None = None, merge: list[Path] | None = None) -> None:
+         train_per_class: int | None = None, device: str = "cpu", merge: list[Path] | None = None) -> dict:
     """Run the variants for seeds first_seed.. (results saved to ``out`` after every run); or ``--merge`` files.
 
     The model is rar-tiny (4 layers, 4 heads) at width ``n_embd`` (MLP 4x; 96: 0.65M parameters), sized
     so that a run takes about 5 minutes on one idle core. ``per_class`` samples per class are scored.
     ``train_per_class``: train on a fixed subset (the data-limited regime); every scored run's code grids
     are saved under ``grids`` as ``codes-{variant}-s{seed}.npy`` (decode them with the tokenizer there).
+    ``device``: where the generator trains and samples (``bench/gpu_check.py --parts fashion`` runs it on CUDA).
+    Returns the rows (variant -> one result per seed).
     """
     if merge:
         rows = ablation_digits.merged_rows(merge)
         print(merged_table(rows))
         print()
         print(comparisons(rows))
-        return
+        return rows
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -191,10 +194,10 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
                 continue
             t0 = time.perf_counter()
             model, best_step, curve = train(data_dir, variant, seed, steps, batch_size, lr, eval_every, layout,
-                                            overrides)
+                                            overrides, device)
             t_train = time.perf_counter() - t0
             classes = torch.arange(10).repeat_interleave(per_class)
-            codes = generate(model, classes, layout=layout, guidance=guidance, seed=seed)
+            codes = generate(model, classes, layout=layout, guidance=guidance, seed=seed).cpu()
             m = evaluate(codes.numpy(), classes.numpy(), data_dir, model=model, layout=layout, seed=seed,
                          tokenizer=decoder, classifier=clf)
             m |= {"seed": seed, "best_step": best_step, "curve": curve, "train_seconds": round(t_train),
@@ -210,7 +213,8 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
                 if not (grids / "vq256-7x7.safetensors").is_file():  # the tokenizer that decodes them
                     shutil.copyfile(work_dir / "vq256-7x7.safetensors", grids / "vq256-7x7.safetensors")
             if grids is not None and seed == 0:
-                pick = torch.cat([torch.arange(c * per_class, c * per_class + 10) for c in range(10)])
+                shown = min(10, per_class)
+                pick = torch.cat([torch.arange(c * per_class, c * per_class + shown) for c in range(10)])
                 image_grid(tok.decode(codes[pick]), rows=10).save(grids / f"samples-{variant}.png")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"rows": rows}, indent=1, default=float) + "\n")
@@ -227,6 +231,7 @@ def main(seeds: int = 1, first_seed: int = 0, steps: int = 300, batch_size: int 
     print()
     print(comparisons(rows))
     print(f"wrote {out}")
+    return rows
 
 
 if __name__ == "__main__":

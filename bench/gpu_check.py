@@ -33,6 +33,11 @@ after every part, so a run cut short keeps what it measured):
                 many calls, and img/s of vLLM against ``rar_llm.generate`` with RAR-B's guidance at batch 32 and
                 128 (random weights, fp32 on the CPU, bf16 on CUDA). ``--tiny``: rar-tiny on the CPU build, batch 4
                 and 8. Skipped (status ``skipped``) where vLLM is not installed.
+  fashion       RAR vs raster on Fashion-MNIST's 60,000 images through the learned 7x7 tokenizer at a budget the
+                CPU cannot reach (default 20 epochs at batch 512, every variant of bench/ablation_fashion.py,
+                3 seeds): scores at each run's best held-out NLL, and RAR's Frechet distance over raster's.
+                Needs Fashion-MNIST at $FASHION_MNIST_DIR or Debian's folder (skipped otherwise).
+                ``--tiny``: synthetic IDX files, raster and rar, 20 steps.
   memory        the peak memory of each part (CUDA: torch.cuda.max_memory_allocated; CPU: resident set size).
 
 The paper's reference (Tab. 5): RAR-B 17.0 img/s on an A100, fp32, batch 128, VQ decoding included.
@@ -60,7 +65,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "fashion",
+         "memory"]
 LAUNCH_ENV = "RAR_GPU_CHECK_LITGPT"  # set: this file runs litgpt's CLI (with the probes below) instead of the check
 PAPER_RAR_B_IMG_S = 17.0  # RAR Tab. 5: A100, fp32, batch 128, VQ decoding included
 
@@ -1168,6 +1174,75 @@ def part_speculative(ctx: Ctx) -> dict:
     return {"status": "ok" if figures["greedy_agreement"] == 1.0 else "failed", "figures": figures, "details": details}
 
 
+
+# ---- part: fashion --------------------------------------------------------------------------------------
+def synthetic_fashion(folder: Path, per_class: dict[str, int]) -> Path:
+    """Fashion-MNIST's four IDX files with class-dependent bars over noise (--tiny: CI has no Fashion-MNIST)."""
+    import struct
+
+    import numpy as np
+
+    from rar_llm.data.fashion import FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        labels = np.arange(10 * n) % 10
+        images = rng.integers(0, 60, (len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c: 5 + 2 * c, 4:24] = 250
+        for name, array in zip(FILES[split], (images, labels)):
+            a = np.asarray(array, dtype=np.uint8)
+            (folder / name).write_bytes(bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+    return folder
+
+
+def part_fashion(ctx: Ctx) -> dict:
+    """RAR vs raster (and the other variants) on Fashion-MNIST's 60,000 images through the learned 7x7
+    tokenizer, every variant for ``--fashion_seeds`` seeds at ``--fashion_epochs`` epochs: the budget a CPU
+    cannot reach (bench/ablation_fashion.py). Needs the data at $FASHION_MNIST_DIR or Debian's folder;
+    ``--tiny``: synthetic IDX files, two variants, a few steps."""
+    from rar_llm.data.fashion import DEBIAN_DIR
+
+    import ablation_fashion
+
+    args = ctx.args
+    if ctx.tiny:
+        os.environ["FASHION_MNIST_DIR"] = str(synthetic_fashion(ctx.work / "fashion-idx", {"train": 30, "test": 20}))
+        plan = dict(seeds=1, steps=20, batch_size=32, eval_every=10, per_class=4, variants=["raster", "rar"],
+                    vq_epochs=2.0, cnn_epochs=1.0, n_embd=32)
+    else:
+        source = Path(os.environ.get("FASHION_MNIST_DIR") or DEBIAN_DIR)
+        if not source.is_dir():
+            say("fashion", "skipped", f"no Fashion-MNIST at {source}: set FASHION_MNIST_DIR (apt-get install "
+                                      "dataset-fashion-mnist, or carry the four IDX files)")
+            return {"status": "skipped", "figures": {}, "details": {"skipped": f"no Fashion-MNIST at {source}"}}
+        batch = args.fashion_batch
+        steps = max(1, round(args.fashion_epochs * 60_000 / batch))
+        plan = dict(seeds=args.fashion_seeds, steps=steps, batch_size=batch, lr=args.fashion_lr,
+                    eval_every=max(1, steps // 20), per_class=100, variants=list(ablation_fashion.VARIANTS))
+    work = ctx.work / "fashion"
+    say("fashion", "plan", plan)
+    rows = ablation_fashion.main(**plan, threads=torch_threads(), device=str(ctx.device), work_dir=work,
+                                 out=work / "ablation.json", grids=work / "grids")
+    figures, details = {}, {"plan": plan, "table": ablation_fashion.merged_table(rows),
+                            "comparisons": ablation_fashion.comparisons(rows), "results": str(work / "ablation.json")}
+    for variant, runs in rows.items():
+        for key in ("fd_features", "nll_raster_bits", "precision", "recall", "consistency", "best_step", "seconds"):
+            figures[f"{variant}_{key}"] = sum(r[key] for r in runs) / len(runs)
+        say("fashion", variant, ", ".join(f"{k} {figures[f'{variant}_{k}']:.3f}" for k in
+                                          ("fd_features", "nll_raster_bits", "best_step")))
+    if "rar" in rows and "raster" in rows:
+        figures["rar_vs_raster_fd_ratio"] = figures["rar_fd_features"] / figures["raster_fd_features"]
+    return {"status": "ok", "figures": figures, "details": details}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 # ---- part: vllm -----------------------------------------------------------------------------------------
 def part_vllm(ctx: Ctx) -> dict:
     try:
@@ -1296,6 +1371,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's peak bf16 dense TFLOP/s, for MFU")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
     p.add_argument("--compile_on_cpu", action="store_true", help="also run the compiled sampling loop on the CPU")
+    p.add_argument("--fashion_epochs", type=float, default=20.0, help="fashion: epochs of the 60,000 images per run")
+    p.add_argument("--fashion_batch", type=int, default=512, help="fashion: batch size")
+    p.add_argument("--fashion_lr", type=float, default=3e-3, help="fashion: peak learning rate")
+    p.add_argument("--fashion_seeds", type=int, default=3, help="fashion: seeds of every variant")
     p.add_argument("--work_dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--merge", action="store_true", help="keep the other parts already in --out (runs in pieces)")
     return p.parse_args(argv)
@@ -1325,7 +1404,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: {report.data['meta']}", flush=True)
         funcs = {"tests": part_tests, "tokenize": part_tokenize, "attention": part_attention,
                  "training": part_training, "finetune_full": part_finetune_full, "sampling": part_sampling,
-                 "speculative": part_speculative, "vllm": part_vllm}
+                 "speculative": part_speculative, "vllm": part_vllm, "fashion": part_fashion}
         for name in [p for p in PARTS if p in args.parts]:
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()

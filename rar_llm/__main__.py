@@ -27,6 +27,8 @@ COMMANDS = {  # subcommand -> ("module:function", one line for the command list)
     "tokenize": ("rar_llm.data.images:tokenize", "encode an image folder (a subfolder per class) into shards"),
     "import-jsonl": ("rar_llm.data.jsonl:import_jsonl", "import pre-tokenized JSONL (RAR's maskgitvq.jsonl) as shards"),
     "evaluate": ("rar_llm.eval.evaluate:evaluate_cli", "score generated codes and write metrics.json"),
+    "web": ("rar_llm.serve.web:web", "a browser page to try a checkpoint: class, guidance, order, seed, inpainting"),
+    "watch": ("rar_llm.watch:watch", "follow a litgpt training run: a sample grid per checkpoint, loss and r curves"),
     "export": ("rar_llm.serve.export:export", "export a checkpoint for serving stacks (Hugging Face, GGUF)"),
     "import-hf": ("rar_llm.serve.export:import_hf", "turn an exported Hugging Face folder back into a checkpoint"),
     "pydoc-topics": ("rar_llm.data.corpora:pydoc_topics", "Python's bundled help topics as a JSONL text corpus"),

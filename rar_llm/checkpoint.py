@@ -30,6 +30,7 @@ from rar_llm.vocab import VocabLayout
 
 PosInit = Literal["normal", "sincos"]
 WEIGHTS, CONFIG = "lit_model.pth", "model_config.yaml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtype flags' names
 
 
 def native_bf16(device: torch.device | str) -> bool:

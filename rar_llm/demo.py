@@ -8,6 +8,7 @@ Everything lands in one output folder, which is never overwritten unless asked.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -23,9 +24,12 @@ from rar_llm.eval.evaluate import evaluate, format_metrics
 from rar_llm.checkpoint import init
 from rar_llm.outputs import claim_outputs
 from rar_llm.data.digits import digits
+from rar_llm.watch import plot_training
 from rar_llm.sampling.loop import generate
 
-OUTPUTS = ("data", "init", "train", "recipe.yaml", "samples.png", "codes.npy", "labels.npy", "metrics.json")
+OUTPUTS = ("data", "init", "train", "recipe.yaml", "train.log", "training.png", "samples.png", "codes.npy", "labels.npy",
+           "metrics.json")
+SHOWN_EVERY = 25  # the console shows every 25th step of litgpt's log (train.log keeps all)
 
 
 def recipe(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
@@ -54,9 +58,9 @@ def recipe(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> 
             "max_steps": steps,
             "epochs": 10_000,
             "save_interval": None,
-            "log_interval": 25,
+            "log_interval": 1,  # litgpt writes its CSV log (the curves of training.png) only at 1
         },
-        "eval": {"interval": steps, "max_new_tokens": 4, "max_iters": 100, "final_validation": True},
+        "eval": {"interval": max(1, steps // 4), "max_new_tokens": 4, "max_iters": 100, "final_validation": True},
         "optimizer": {
             "class_path": "torch.optim.AdamW",
             "init_args": {"lr": lr, "betas": [0.9, 0.96], "weight_decay": 0.03},
@@ -64,6 +68,19 @@ def recipe(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> 
         "logger_name": "csv",
         "seed": seed,
     }
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run ``cmd``, all its output into ``log``; the console gets every ``SHOWN_EVERY``-th step line."""
+    with open(log, "w") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                               bufsize=1) as proc:
+        for line in proc.stdout:
+            f.write(line)
+            step = re.match(r"Epoch \d+ \| iter (\d+) ", line)
+            if step is None or int(step[1]) % SHOWN_EVERY == 0:
+                print(line, end="", flush=True)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def demo(
@@ -103,7 +120,8 @@ def demo(
     config.write_text(yaml.safe_dump(recipe(out_dir, steps, batch_size, lr, seed), sort_keys=False))
     cmd = [sys.executable, "-m", "litgpt", "finetune_full", "--config", str(config)]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    run_logged(cmd, out_dir / "train.log")
+    plot_training(out_dir / "train", yaml.safe_load(config.read_text()), out_dir / "training.png")
 
     print("== 4/4 sampling and evaluation", flush=True)
     checkpoint = out_dir / "train" / "final"
@@ -120,7 +138,8 @@ def demo(
                            "guidance": guidance, "temperature": temperature, "seed": seed}
     metrics["minutes"] = (time.perf_counter() - t0) / 60
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"\nWrote {out_dir / 'samples.png'} (one row per digit) and {out_dir / 'metrics.json'}")
+    print(f"\nWrote {out_dir / 'samples.png'} (one row per digit), {out_dir / 'training.png'} (loss and r) and "
+          f"{out_dir / 'metrics.json'}")
     print(format_metrics(metrics))
     real = metrics["real"]
     print(f"Frechet distance on classifier features: {metrics['fd_features'] / real['fd_features']:.2f}x the "

@@ -351,7 +351,8 @@ LAYERS = [
      "rar_llm.optim"],
     ["rar_llm.configs", "rar_llm.checkpoint"],
     ["rar_llm.sampling"],
-    ["rar_llm.data", "rar_llm.eval", "rar_llm.serve", "rar_llm.extend", "rar_llm.tokenizers.train_vq"],
+    ["rar_llm.data", "rar_llm.eval", "rar_llm.serve", "rar_llm.extend", "rar_llm.tokenizers.train_vq",
+     "rar_llm.watch"],
     ["rar_llm.sampling.cli", "rar_llm.demo", "rar_llm.__main__", "rar_llm"],
 ]
 

@@ -40,6 +40,9 @@ RULES = [
     ("--tokenizer maskgit-vqgan", "skip", "needs MaskGIT-VQGAN's released weights (a download); "
                                           "tests/test_tokenizers.py runs tokenize on a state dict it writes"),
     ("--inception_weights", "skip", "needs the Inception-v3 weights and a trained ImageNet model (downloads)"),
+    ("rar-llm web", "skip", "serves until stopped; tests/test_web.py starts it and drives it over HTTP and in Chromium"),
+    ("rar-llm watch", "skip", "follows a training run until it ends; tests/test_watch.py runs it beside litgpt"),
+    ("gradio_client", "skip", "needs a running rar-llm web server; tests/test_web.py runs this call against one"),
     ("make_llm", "vllm", "needs vLLM (its own venv, docs/serving.md)"),
 ]
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "memory"]
+PARTS = ["tests", "tokenize", "attention", "training", "finetune_full", "sampling", "speculative", "vllm", "fashion",
+         "memory"]
 
 
 def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
@@ -33,6 +34,8 @@ def test_gpu_check_cpu_tiny_runs_every_part(tmp_path):
     fig = {name: part["figures"] for name, part in parts.items()}
     assert fig["tests"]["passed"] >= 5 and fig["tests"]["failed"] == 0
     assert fig["tokenize"]["codes_equal_to_cpu_encode"] == 1.0
+    assert fig["fashion"]["raster_best_step"] > 0 and fig["fashion"]["rar_best_step"] > 0  # both variants trained
+    assert "| rar vs raster | fd_features |" in parts["fashion"]["details"]["comparisons"]
 
     attention = parts["attention"]["details"]
     assert attention["training_backends_seen"] and attention["decoding_backends_seen"]  # read from the profiler

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rar_llm.checkpoint import load_model
+from rar_llm.checkpoint import DTYPES, load_model
 from rar_llm.sampling.decoding import class_ids
 from rar_llm.sampling.loop import check_speculative, generate
 from rar_llm.sampling.prepack import prepacked
@@ -18,7 +18,6 @@ from rar_llm.tokenizers.draw import CodeDecoder, check_drawable, image_grid, to_
 from rar_llm.vocab import VocabLayout
 
 OUTPUTS = ("samples.png", "codes.npy", "labels.npy")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sample(

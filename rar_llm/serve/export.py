@@ -21,13 +21,12 @@ from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, co
 from litgpt.utils import save_config
 from safetensors.torch import load_file, save_file
 
-from rar_llm.checkpoint import check_weights, load_checkpoint
+from rar_llm.checkpoint import DTYPES, check_weights, load_checkpoint
 from rar_llm.outputs import claim_outputs
 from rar_llm.text.merged import checkpoint_tokenizer, write_tokenizer
 from rar_llm.vocab import VocabLayout
 
 GGUF_LAYOUT_KEY = "rar.layout"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # litgpt Config fields that must hold these values for the model to be a transformers/llama.cpp Llama
 _LLAMA_FIELDS = {

@@ -209,3 +209,17 @@ def test_a_browser_clicks_generate_and_sees_the_images(server, chromium, tmp_pat
     box.send_keys("2")
     chromium.find_element(By.ID, "generate").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"))
+
+
+def test_a_caption_model_draws_from_the_caption_box(tmp_path):
+    """A model trained on captions (layout with a text vocabulary): the caption goes to generate(prompt=...)."""
+    from rar_llm.checkpoint import init
+
+    ckpt = init(tmp_path / "mixed", model="rar-tiny", layout="digits_pydoc")
+    web_gen = WebGenerator(ckpt)
+    s = web_gen.settings(2.0, "constant", 0.0, 1.0, 0, 1.0, "raster", 0, 0)
+    got = web_gen.sample(s, seed=5, num_images=3, class_name="seven", prompt="a handwritten seven", progress=False)
+    want = generate(load_model(ckpt), prompt="a handwritten seven", num_samples=3, seed=5, guidance=2.0)
+    assert torch.equal(got, want)
+    by_class = web_gen.sample(s, seed=5, num_images=3, class_name="seven", progress=False)
+    assert torch.equal(by_class, generate(load_model(ckpt), 7, num_samples=3, seed=5, guidance=2.0))

@@ -177,8 +177,8 @@ def load_model(
     Its context (``max_seq_length``) holds what the layout can generate, prompts included.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    config, layout, state = load_checkpoint(checkpoint_dir, layout)  # a bad folder fails before any notice
     dtype = dtype if dtype is not None else default_dtype(device)
-    config, layout, state = load_checkpoint(checkpoint_dir, layout)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)

@@ -151,9 +151,11 @@ def test_a_file_that_is_not_an_image_is_a_message(gen, tmp_path):
 
 
 def test_cli_refuses_bad_flags_in_one_line(tiny_checkpoint, tmp_path):
-    for args, message in ((["--port", "70000"], "--port 70000 must be in 0..65535"),
-                          (["--tokenizer", str(tmp_path / "missing.safetensors")], "unknown tokenizer")):
-        run = subprocess.run([sys.executable, "-m", "rar_llm", "web", "--checkpoint_dir", str(tiny_checkpoint), *args],
+    ckpt = ["--checkpoint_dir", str(tiny_checkpoint)]
+    for args, message in ((ckpt + ["--port", "70000"], "--port 70000 must be in 0..65535"),
+                          (ckpt + ["--tokenizer", str(tmp_path / "missing.safetensors")], "unknown tokenizer"),
+                          (["--checkpoint_dir", str(tmp_path / "nope")], "checkpoint folder")):
+        run = subprocess.run([sys.executable, "-m", "rar_llm", "web", *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 

@@ -117,11 +117,12 @@ def demo(
 
     print(f"== 3/4 training: litgpt finetune_full, {steps} steps of {batch_size}", flush=True)
     config = out_dir / "recipe.yaml"
-    config.write_text(yaml.safe_dump(recipe(out_dir, steps, batch_size, lr, seed), sort_keys=False))
+    run = recipe(out_dir, steps, batch_size, lr, seed)
+    config.write_text(yaml.safe_dump(run, sort_keys=False))
     cmd = [sys.executable, "-m", "litgpt", "finetune_full", "--config", str(config)]
     print("$ " + " ".join(cmd), flush=True)
     run_logged(cmd, out_dir / "train.log")
-    plot_training(out_dir / "train", yaml.safe_load(config.read_text()), out_dir / "training.png")
+    plot_training(out_dir / "train", run, out_dir / "training.png")
 
     print("== 4/4 sampling and evaluation", flush=True)
     checkpoint = out_dir / "train" / "final"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from rar_llm.permute import anneal_r
+from rar_llm.permute import Permutation
 
 DONE_MARKER = "prompt_style.yaml"  # litgpt writes it last into a checkpoint folder
 CSV_HINT = ("litgpt writes its CSV log only with train.log_interval 1 (Lightning flushes at steps where "
@@ -36,24 +36,24 @@ def read_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def read_schedule(hparams: dict) -> tuple[int, dict | None]:
-    """Samples per logged iteration, and the data module's annealing (None if it has no RAR clock)."""
+def read_schedule(hparams: dict) -> tuple[int, int | None, Permutation | None]:
+    """Samples per logged iteration, and the data module's clock length and annealing (None without a RAR clock)."""
     train = hparams.get("train") or {}
     world = int(hparams.get("devices") or 1) * int(hparams.get("num_nodes") or 1)
     per_iter = int(train.get("micro_batch_size") or 1) * world
     args = ((hparams.get("data") or {}).get("init_args") or {})
-    keys = ("total_samples", "anneal_start", "anneal_end", "r_end")
-    anneal = {k: args[k] for k in keys if k in args} if "total_samples" in args else None
-    return per_iter, anneal
+    if "total_samples" not in args:
+        return per_iter, None, None
+    schedule = Permutation(**{k: args[k] for k in ("anneal_start", "anneal_end", "r_end") if k in args})
+    return per_iter, int(args["total_samples"]), schedule
 
 
-def r_curve(anneal: dict, global_batch: int, points: int = 200) -> tuple[list[float], list[float]]:
+def r_curve(schedule: Permutation, total_samples: int, global_batch: int,
+            points: int = 200) -> tuple[list[float], list[float]]:
     """RAR's permutation probability r over the run's optimizer steps, as ``RARData`` anneals it."""
-    max_steps = anneal["total_samples"] / global_batch
+    max_steps = total_samples / global_batch
     steps = [max_steps * i / (points - 1) for i in range(points)]
-    r = [anneal_r(s / max_steps, anneal.get("anneal_start", 0.5), anneal.get("anneal_end", 0.75),
-                  anneal.get("r_end", 0.0)) for s in steps]
-    return steps, r
+    return steps, [schedule.r(s / max_steps) for s in steps]
 
 
 def plot_training(run_dir: Path, hparams: dict, path: Path, saved: list[int] = ()) -> Path:
@@ -64,7 +64,7 @@ def plot_training(run_dir: Path, hparams: dict, path: Path, saved: list[int] = (
     import matplotlib.pyplot as plt
 
     log = read_log(run_dir)
-    per_iter, anneal = read_schedule(hparams)
+    per_iter, total, schedule = read_schedule(hparams)
     global_batch = int((hparams.get("train") or {}).get("global_batch_size") or per_iter)
     to_step = per_iter / global_batch  # logged iterations (micro-batches) -> optimizer steps
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
@@ -80,12 +80,11 @@ def plot_training(run_dir: Path, hparams: dict, path: Path, saved: list[int] = (
     if not log["loss"]:
         ax.text(0.5, 0.5, "no CSV log yet\n(" + CSV_HINT.split(" (")[0] + ")", ha="center", va="center",
                 transform=ax.transAxes, fontsize=7)
-    if anneal is not None:
-        steps, r = r_curve(anneal, global_batch)
+    if schedule is not None:
+        steps, r = r_curve(schedule, total, global_batch)
         ax2 = ax.twinx()
         ax2.plot(steps, r, color="tab:green", lw=1.5, label="r (random-order probability)")
-        start, end = (anneal.get(k, d) * steps[-1] for k, d in (("anneal_start", 0.5), ("anneal_end", 0.75)))
-        ax2.axvspan(start, end, color="tab:green", alpha=0.08, label="annealing window")
+        ax2.axvspan(schedule.anneal_start * steps[-1], schedule.anneal_end * steps[-1], color="tab:green", alpha=0.08, label="annealing window")
         ax2.set_ylim(-0.05, 1.05)
         ax2.set_ylabel("r", color="tab:green")
         ax2.legend(loc="center right", fontsize=7)

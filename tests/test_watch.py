@@ -31,9 +31,9 @@ def test_the_log_and_the_schedule_are_read_as_litgpt_writes_them(tmp_path):
     log = read_log(tmp_path)
     assert log["loss"][0] == (1, 4.9) and log["loss"][-1] == (10, 4.0) and log["val_loss"] == [(10, 4.2)]
     hparams = yaml.safe_load(RECIPE.read_text())
-    per_iter, anneal = read_schedule(hparams)
-    assert per_iter == 32 and anneal["total_samples"] == 7680
-    steps, r = r_curve(anneal, global_batch=32, points=241)  # the recipe's 240 steps, one point per step
+    per_iter, total, schedule = read_schedule(hparams)
+    assert per_iter == 32 and total == 7680 and (schedule.anneal_start, schedule.anneal_end) == (0.5, 0.75)
+    steps, r = r_curve(schedule, total, global_batch=32, points=241)  # the recipe's 240 steps, one point per step
     assert steps[-1] == 240 and r[:121] == [1.0] * 121  # random orders for the first half
     assert r[150] == pytest.approx(0.5) and r[180:] == [0.0] * 61  # r falls over 50 % -> 75 % of training
     path = plot_training(tmp_path, hparams, tmp_path / "out" / "training.png", saved=[5, 10])

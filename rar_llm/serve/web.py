@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -153,18 +154,25 @@ def build_app(gen: WebGenerator):
     """The Gradio Blocks of the page (``gradio`` imported here: the ``web`` extra)."""
     import gradio as gr
 
-    def shown(e: Exception):
-        return gr.Error(" ".join(str(e).split()), print_exception=False)
-
-    def run_generate(class_name, prompt, guidance, schedule, power, temperature, top_k, top_p, order, steps,
-                     speculative, seed, num_images, progress=gr.Progress(track_tqdm=True)):
+    def decode(edit, class_name, prompt, guidance, schedule, power, temperature, top_k, top_p, order, steps,
+               speculative, seed, num_images):
+        """Generate (``edit`` None) or redraw ``edit``'s released cells: gallery images and their codes."""
         try:
             s = gen.settings(guidance, schedule, power, temperature, top_k, top_p, order, steps, speculative)
             n, seed = gen.check_count(num_images, seed)
-            codes = gen.sample(s, seed, n, class_name, prompt or "", speculative)
+            known = {} if edit is None else {"known": edit.codes, "keep": edit.keep}
+            codes = gen.sample(s, seed, n, class_name, prompt or "", speculative, **known)
         except RequestError as e:
-            raise shown(e) from None
+            raise gr.Error(" ".join(str(e).split()), print_exception=False) from None
         return gen.images(codes), codes.numpy()
+
+    def run_generate(*values, progress=gr.Progress(track_tqdm=True)):
+        return decode(None, *values)
+
+    def redraw(edit, *values, progress=gr.Progress(track_tqdm=True)):
+        if edit is None:
+            raise gr.Error("pick an image of the gallery or upload one first")
+        return decode(edit, *values)
 
     def pick(codes, evt: gr.SelectData):
         if codes is None:
@@ -178,15 +186,13 @@ def build_app(gen: WebGenerator):
         try:
             edit = gen.encode_upload(path)
         except RequestError as e:
-            raise shown(e) from None
+            raise gr.Error(str(e), print_exception=False) from None
         return gen.draw_edit(edit), edit
 
     def toggle(edit, image, evt: gr.SelectData):
         if edit is None:
             raise gr.Error("pick an image first")
-        x, y = evt.index
-        w, h = (image.width, image.height) if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        r, c = gen.cell_at(edit, x, y, w, h)
+        r, c = gen.cell_at(edit, *evt.index, image.width, image.height)
         edit.keep[r, c] = ~edit.keep[r, c]
         return gen.draw_edit(edit), edit
 
@@ -196,65 +202,61 @@ def build_app(gen: WebGenerator):
         edit.keep[:] = value
         return gen.draw_edit(edit), edit
 
-    def redraw(edit, class_name, prompt, guidance, schedule, power, temperature, top_k, top_p, order, steps,
-               speculative, seed, num_images, progress=gr.Progress(track_tqdm=True)):
-        if edit is None:
-            raise gr.Error("pick an image of the gallery or upload one first")
-        try:
-            s = gen.settings(guidance, schedule, power, temperature, top_k, top_p, order, steps, speculative)
-            n, seed = gen.check_count(num_images, seed)
-            codes = gen.sample(s, seed, n, class_name, prompt or "", speculative, known=edit.codes, keep=edit.keep)
-        except RequestError as e:
-            raise shown(e) from None
-        return gen.images(codes), codes.numpy()
-
-    L = gen.layout
     with gr.Blocks(title="rar_llm", analytics_enabled=False) as app:
-        gr.Markdown(f"## rar_llm: {L.num_classes} classes, {L.height}x{L.width} codes of {L.codebook_size}")
-        codes = gr.State(None)
-        edit = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1):
-                class_name = gr.Dropdown(gen.class_names, value=gen.class_names[0], label="class",
-                                         allow_custom_value=True)
-                prompt = gr.Textbox(label="caption (instead of the class)", visible=bool(L.text_vocab_size))
-                with gr.Row():
-                    guidance = gr.Number(2.0, label="guidance (1: none)", elem_id="guidance", min_width=80)
-                    schedule = gr.Dropdown(list(SCHEDULES), value="constant", label="schedule", min_width=80)
-                    power = gr.Number(0.0, label="power", min_width=80)
-                with gr.Row():
-                    temperature = gr.Number(1.0, label="temperature", min_width=80)
-                    top_k = gr.Number(0, label="top-k (0: off)", precision=0, min_width=80)
-                    top_p = gr.Number(1.0, label="top-p (1: off)", min_width=80)
-                with gr.Row():
-                    order = gr.Dropdown(list(ORDERS), value="raster", label="order", min_width=80)
-                    steps = gr.Number(0, label="parallel steps (0: off)", precision=0, min_width=80)
-                    speculative = gr.Number(0, label="speculative (0: off)", precision=0, min_width=80)
-                with gr.Row():
-                    seed = gr.Number(0, label="seed", precision=0, min_width=80)
-                    num_images = gr.Number(8, label=f"images (1-{gen.max_images})", precision=0, min_width=80)
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                gallery = gr.Gallery(label="samples (click one to inpaint it)", columns=4, elem_id="gallery", object_fit="contain",
-                                     format="png", allow_preview=False, height=400)
-                with gr.Row():
-                    shown_edit = gr.Image(label="inpaint: click cells to keep (clear) or redraw (red)",
-                                          interactive=False, type="pil", format="png", elem_id="edit", height=300)
-                    with gr.Column():
-                        upload_file = gr.File(label="or upload an image", type="filepath", height=120)
-                        all_button = gr.Button("keep every cell")
-                        none_button = gr.Button("redraw every cell")
-                        redraw_button = gr.Button("Redraw the red cells", variant="primary", elem_id="redraw")
-        settings_in = [class_name, prompt, guidance, schedule, power, temperature, top_k, top_p, order, steps,
-                       speculative, seed, num_images]
-        button.click(run_generate, settings_in, [gallery, codes], api_name="generate", concurrency_id="model")
-        gallery.select(pick, codes, [shown_edit, edit], api_name=False)
-        upload_file.upload(upload, upload_file, [shown_edit, edit], api_name=False)
-        shown_edit.select(toggle, [edit, shown_edit], [shown_edit, edit], api_name=False)
-        all_button.click(lambda e: keep_all(e, True), edit, [shown_edit, edit], api_name=False)
-        none_button.click(lambda e: keep_all(e, False), edit, [shown_edit, edit], api_name=False)
-        redraw_button.click(redraw, [edit, *settings_in], [gallery, codes], api_name=False, concurrency_id="model")
+        c = page(gen, gr)
+        settings_in = [c.class_name, c.prompt, c.guidance, c.schedule, c.power, c.temperature, c.top_k, c.top_p,
+                       c.order, c.steps, c.speculative, c.seed, c.num_images]
+        shown = [c.shown_edit, c.edit]
+        c.button.click(run_generate, settings_in, [c.gallery, c.codes], api_name="generate", concurrency_id="model")
+        c.redraw_button.click(redraw, [c.edit, *settings_in], [c.gallery, c.codes], api_name=False,
+                              concurrency_id="model")
+        c.gallery.select(pick, c.codes, shown, api_name=False)
+        c.upload_file.upload(upload, c.upload_file, shown, api_name=False)
+        c.shown_edit.select(toggle, [c.edit, c.shown_edit], shown, api_name=False)
+        c.all_button.click(lambda e: keep_all(e, True), c.edit, shown, api_name=False)
+        c.none_button.click(lambda e: keep_all(e, False), c.edit, shown, api_name=False)
     return app
+
+
+def page(gen: WebGenerator, gr) -> SimpleNamespace:
+    """The page's components, laid out inside the open ``gr.Blocks``: settings left, images right."""
+    L, c = gen.layout, SimpleNamespace()
+    gr.Markdown(f"## rar_llm: {L.num_classes} classes, {L.height}x{L.width} codes of {L.codebook_size}")
+    c.codes, c.edit = gr.State(None), gr.State(None)
+    number = dict(min_width=80)
+    with gr.Row():
+        with gr.Column(scale=1):
+            c.class_name = gr.Dropdown(gen.class_names, value=gen.class_names[0], label="class",
+                                       allow_custom_value=True)
+            c.prompt = gr.Textbox(label="caption (instead of the class)", visible=bool(L.text_vocab_size))
+            with gr.Row():
+                c.guidance = gr.Number(2.0, label="guidance (1: none)", elem_id="guidance", **number)
+                c.schedule = gr.Dropdown(list(SCHEDULES), value="constant", label="schedule", **number)
+                c.power = gr.Number(0.0, label="power", **number)
+            with gr.Row():
+                c.temperature = gr.Number(1.0, label="temperature", **number)
+                c.top_k = gr.Number(0, label="top-k (0: off)", precision=0, **number)
+                c.top_p = gr.Number(1.0, label="top-p (1: off)", **number)
+            with gr.Row():
+                c.order = gr.Dropdown(list(ORDERS), value="raster", label="order", **number)
+                c.steps = gr.Number(0, label="parallel steps (0: off)", precision=0, **number)
+                c.speculative = gr.Number(0, label="speculative (0: off)", precision=0, **number)
+            with gr.Row():
+                c.seed = gr.Number(0, label="seed", precision=0, **number)
+                c.num_images = gr.Number(8, label=f"images (1-{gen.max_images})", precision=0, **number)
+            c.button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            c.gallery = gr.Gallery(label="samples (click one to inpaint it)", columns=4, elem_id="gallery",
+                                   object_fit="contain", format="png", allow_preview=False, height=400)
+            with gr.Row():
+                c.shown_edit = gr.Image(label="inpaint: click cells to keep (clear) or redraw (red)",
+                                        interactive=False, type="pil", format="png", elem_id="edit", height=300)
+                with gr.Column():
+                    c.upload_file = gr.File(label="or upload an image", type="filepath", height=120)
+                    c.all_button = gr.Button("keep every cell")
+                    c.none_button = gr.Button("redraw every cell")
+                    c.redraw_button = gr.Button("Redraw the red cells", variant="primary", elem_id="redraw")
+    return c
 
 
 def web(
